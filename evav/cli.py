@@ -1,0 +1,64 @@
+"""The `evav` command: one subcommand per job; each lives next to the code it drives.
+
+    evav render (--text TEXT | FILE) --out OUT.png|.gif|.mp4 [key=value ...]
+    evav tokenizer train --input corpus.txt --out tok.model
+    evav model-info
+
+Subcommand modules are imported only when used, so `evav --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from evav import __version__
+
+# name -> (module, add-arguments function, main function, help)
+COMMANDS = {
+    "render": ("evav.frames.cli", "add_render_arguments", "render_main",
+               "render text or an image/audio/video file to frames and save them"),
+    "tokenizer": ("evav.frames.cli", "add_tokenizer_arguments", "tokenizer_main",
+                  "train a SentencePiece tokenizer for subword text frames"),
+    "model-info": ("evav.model.cli", "add_arguments", "main",
+                   "parameters and FLOPs per frame of every model preset"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evav", description="evav: everything is a video.")
+    parser.add_argument("--version", action="version", version=f"evav {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, add, run, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == chosen:  # import only the module of the command being run
+            mod = importlib.import_module(module)
+            getattr(mod, add)(p)
+            p.set_defaults(_run=getattr(mod, run))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from evav.config import ConfigError
+    from evav.errors import BadInputError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    # `key=value` overrides may come anywhere on the line, so they are collected from the
+    # arguments argparse does not know; anything else unknown is still an error.
+    args, unknown = parser.parse_known_args(argv)
+    bad = [a for a in unknown if "=" not in a or a.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = getattr(args, "overrides", []) + unknown
+    try:
+        return args._run(args) or 0
+    except (BadInputError, ConfigError) as e:
+        print(f"evav {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

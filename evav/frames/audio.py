@@ -1,0 +1,119 @@
+"""Audio -> log-mel spectrogram frames (torch + numpy; no torchaudio).
+
+Any file PyAV can decode (wav, flac, mp3, the audio track of a video) is mixed to mono and
+resampled to ``spec.audio.sample_rate`` explicitly, so files recorded at 8 kHz and 48 kHz give
+spectrograms on the same frequency axis. The power mel spectrogram is turned to decibels, the top
+``top_db`` below the clip's peak is mapped to 0..255 (louder = brighter), low frequencies at the
+bottom, and resized to H x W: the whole clip as one frame (the paper), or one frame per
+``window_s`` seconds (long audio). Grey, repeated over the 3 channels.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from evav.errors import BadInputError, check_nonempty_file
+from evav.frames.spec import AudioSpec, RenderSpec
+
+
+def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """Decode an audio file to mono float32 at ``sample_rate``; BadInputError on bad files."""
+    path = check_nonempty_file(path)
+    chunks = []
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise BadInputError(path, "no audio stream")
+            stream = container.streams.audio[0]
+            declared = _declared_seconds(container, stream)
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+    except BadInputError:
+        raise
+    except (av.error.FFmpegError, ValueError, EOFError) as e:
+        raise BadInputError(path, f"not a readable audio file: {e}") from None
+    samples = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if samples.size == 0:
+        raise BadInputError(path, "no audio samples decoded (empty stream)")
+    got = samples.size / sample_rate
+    if declared is not None and got < 0.95 * declared - 0.02:
+        raise BadInputError(path, f"truncated: header declares {declared:.3f} s, only {got:.3f} s decoded")
+    return samples
+
+
+def _declared_seconds(container, stream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+    """Triangular HTK-scale mel filters, ``(n_mels, n_fft // 2 + 1)``, area-normalised (Slaney)."""
+
+    def hz_to_mel(f):
+        return 2595.0 * np.log10(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+    def mel_to_hz(m):
+        return 700.0 * (10.0 ** (np.asarray(m, dtype=np.float64) / 2595.0) - 1.0)
+
+    freqs = np.linspace(0, sample_rate / 2, n_fft // 2 + 1)
+    edges = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    lower, center, upper = edges[:-2, None], edges[1:-1, None], edges[2:, None]
+    up = (freqs[None] - lower) / (center - lower)
+    down = (upper - freqs[None]) / (upper - center)
+    fb = np.maximum(0.0, np.minimum(up, down)) * (2.0 / (upper - lower))
+    return torch.from_numpy(fb.astype(np.float32))
+
+
+def log_mel(samples: np.ndarray, a: AudioSpec) -> np.ndarray:
+    """Mono samples -> ``(n_mels, n_steps)`` float32 in [0, 1] (1 = the clip's peak)."""
+    x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+    if x.numel() < a.n_fft:
+        x = F.pad(x, (0, a.n_fft - x.numel()))
+    spec = torch.stft(x, a.n_fft, a.hop_length, window=torch.hann_window(a.n_fft),
+                      center=True, return_complex=True).abs().pow(2)
+    f_max = a.f_max if a.f_max is not None else a.sample_rate / 2
+    mel = mel_filterbank(a.sample_rate, a.n_fft, a.n_mels, a.f_min, f_max) @ spec
+    db = 10.0 * torch.log10(mel.clamp_min(1e-10))
+    floor = db.max() - a.top_db
+    img = (db.clamp_min(floor) - floor) / a.top_db
+    return img.numpy()
+
+
+def spectrogram_frames(samples: np.ndarray, spec: RenderSpec) -> np.ndarray:
+    """Mono samples at ``spec.audio.sample_rate`` -> ``(T, H, W, 3)`` uint8 spectrogram frames."""
+    a = spec.audio
+    img = log_mel(samples, a)[::-1].copy()  # low frequencies at the bottom
+    if a.window_s is None:
+        pieces = [img]
+    else:
+        step = max(1, round(a.window_s * a.sample_rate / a.hop_length))
+        n = -(-img.shape[1] // step)
+        padded = np.zeros((img.shape[0], n * step), np.float32)  # silence = 0 after scaling
+        padded[:, : img.shape[1]] = img
+        pieces = [padded[:, i * step : (i + 1) * step] for i in range(n)]
+    t = torch.from_numpy(np.stack(pieces))[:, None]  # (T, 1, n_mels, steps)
+    t = F.interpolate(t, size=(spec.height, spec.width), mode="bilinear", align_corners=False,
+                      antialias=True)
+    grey = (t[:, 0].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def render_audio(audio: str | Path | np.ndarray, spec: RenderSpec) -> np.ndarray:
+    """An audio file (or mono samples at ``spec.audio.sample_rate``) -> ``(T, H, W, 3)`` uint8."""
+    if not isinstance(audio, np.ndarray):
+        audio = load_audio(audio, spec.audio.sample_rate)
+    return spectrogram_frames(audio, spec)
