@@ -17,12 +17,24 @@ from evav import __version__
 
 # name -> (module, add-arguments function, main function, help)
 COMMANDS = {
-    "render": ("evav.frames.cli", "add_render_arguments", "render_main",
-               "render text or an image/audio/video file to frames and save them"),
-    "tokenizer": ("evav.frames.cli", "add_tokenizer_arguments", "tokenizer_main",
-                  "train a SentencePiece tokenizer for subword text frames"),
-    "model-info": ("evav.model.cli", "add_arguments", "main",
-                   "parameters and FLOPs per frame of every model preset"),
+    "render": (
+        "evav.frames.cli",
+        "add_render_arguments",
+        "render_main",
+        "render text or an image/audio/video file to frames and save them",
+    ),
+    "tokenizer": (
+        "evav.frames.cli",
+        "add_tokenizer_arguments",
+        "tokenizer_main",
+        "train a SentencePiece tokenizer for subword text frames",
+    ),
+    "model-info": (
+        "evav.model.cli",
+        "add_arguments",
+        "main",
+        "parameters and FLOPs per frame of every model preset",
+    ),
 }
 
 

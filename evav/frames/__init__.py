@@ -22,8 +22,23 @@ from evav.frames.video import render_video, uniform_indices
 from evav.frames.write import contact_sheet, save_clip
 
 __all__ = [
-    "AudioSpec", "BadInputError", "Clip", "RenderSpec", "TemplateDecoder", "TextRenderer",
-    "build_clip", "contact_sheet", "draw_box", "find_red_box", "fit_image", "load_audio",
-    "load_image", "render_audio", "render_image", "render_video", "save_clip", "split_words",
+    "AudioSpec",
+    "BadInputError",
+    "Clip",
+    "RenderSpec",
+    "TemplateDecoder",
+    "TextRenderer",
+    "build_clip",
+    "contact_sheet",
+    "draw_box",
+    "find_red_box",
+    "fit_image",
+    "load_audio",
+    "load_image",
+    "render_audio",
+    "render_image",
+    "render_video",
+    "save_clip",
+    "split_words",
     "uniform_indices",
 ]

@@ -22,9 +22,38 @@ from evav.errors import BadInputError, check_nonempty_file
 from evav.frames.spec import AudioSpec, RenderSpec
 
 
+def _check_riff_complete(path: Path) -> None:
+    """A WAV file whose data chunk is shorter than its header says is truncated.
+
+    FFmpeg derives a WAV's duration from the file size, so a cut file decodes "fine" and only
+    the RIFF header tells the truth. Streaming writers that leave the size at 0 or 0xFFFFFFFF
+    are not judged.
+    """
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return
+        size = path.stat().st_size
+        while True:
+            hdr = f.read(8)
+            if len(hdr) < 8:
+                return
+            chunk, n = hdr[:4], int.from_bytes(hdr[4:], "little")
+            if chunk == b"data":
+                available = size - f.tell()
+                if 0 < n < 0xFFFFFFF0 and available < n:
+                    raise BadInputError(
+                        path,
+                        f"truncated: WAV header declares {n} data bytes, file holds {available}",
+                    )
+                return
+            f.seek(n + (n & 1), 1)
+
+
 def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode an audio file to mono float32 at ``sample_rate``; BadInputError on bad files."""
     path = check_nonempty_file(path)
+    _check_riff_complete(path)
     chunks = []
     try:
         with av.open(str(path)) as container:
@@ -47,7 +76,9 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         raise BadInputError(path, "no audio samples decoded (empty stream)")
     got = samples.size / sample_rate
     if declared is not None and got < 0.95 * declared - 0.02:
-        raise BadInputError(path, f"truncated: header declares {declared:.3f} s, only {got:.3f} s decoded")
+        raise BadInputError(
+            path, f"truncated: header declares {declared:.3f} s, only {got:.3f} s decoded"
+        )
     return samples
 
 
@@ -60,7 +91,9 @@ def _declared_seconds(container, stream) -> float | None:
 
 
 @functools.lru_cache(maxsize=8)
-def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float) -> torch.Tensor:
+def mel_filterbank(
+    sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_max: float
+) -> torch.Tensor:
     """Triangular HTK-scale mel filters, ``(n_mels, n_fft // 2 + 1)``, area-normalised (Slaney)."""
 
     def hz_to_mel(f):
@@ -83,8 +116,18 @@ def log_mel(samples: np.ndarray, a: AudioSpec) -> np.ndarray:
     x = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
     if x.numel() < a.n_fft:
         x = F.pad(x, (0, a.n_fft - x.numel()))
-    spec = torch.stft(x, a.n_fft, a.hop_length, window=torch.hann_window(a.n_fft),
-                      center=True, return_complex=True).abs().pow(2)
+    spec = (
+        torch.stft(
+            x,
+            a.n_fft,
+            a.hop_length,
+            window=torch.hann_window(a.n_fft),
+            center=True,
+            return_complex=True,
+        )
+        .abs()
+        .pow(2)
+    )
     f_max = a.f_max if a.f_max is not None else a.sample_rate / 2
     mel = mel_filterbank(a.sample_rate, a.n_fft, a.n_mels, a.f_min, f_max) @ spec
     db = 10.0 * torch.log10(mel.clamp_min(1e-10))
@@ -106,8 +149,9 @@ def spectrogram_frames(samples: np.ndarray, spec: RenderSpec) -> np.ndarray:
         padded[:, : img.shape[1]] = img
         pieces = [padded[:, i * step : (i + 1) * step] for i in range(n)]
     t = torch.from_numpy(np.stack(pieces))[:, None]  # (T, 1, n_mels, steps)
-    t = F.interpolate(t, size=(spec.height, spec.width), mode="bilinear", align_corners=False,
-                      antialias=True)
+    t = F.interpolate(
+        t, size=(spec.height, spec.width), mode="bilinear", align_corners=False, antialias=True
+    )
     grey = (t[:, 0].clamp(0, 1) * 255.0).round().to(torch.uint8).numpy()
     return np.repeat(grey[..., None], 3, axis=-1)
 

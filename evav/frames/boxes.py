@@ -10,8 +10,12 @@ import numpy as np
 RED = (255, 0, 0)
 
 
-def draw_box(frames_THWC: np.ndarray, box: tuple[float, float, float, float],
-             thickness: int = 1, color: tuple[int, int, int] = RED) -> np.ndarray:
+def draw_box(
+    frames_THWC: np.ndarray,
+    box: tuple[float, float, float, float],
+    thickness: int = 1,
+    color: tuple[int, int, int] = RED,
+) -> np.ndarray:
     """Return a copy of ``(T, H, W, 3)`` (or ``(H, W, 3)``) frames with a rectangle outline."""
     out = np.array(frames_THWC, dtype=np.uint8, copy=True)
     h, w = out.shape[-3], out.shape[-2]
@@ -27,8 +31,9 @@ def draw_box(frames_THWC: np.ndarray, box: tuple[float, float, float, float],
     return out
 
 
-def find_red_box(frame_HWC: np.ndarray, min_red: int = 150, max_other: int = 100,
-                 min_pixels: int = 4) -> tuple[int, int, int, int] | None:
+def find_red_box(
+    frame_HWC: np.ndarray, min_red: int = 150, max_other: int = 100, min_pixels: int = 4
+) -> tuple[int, int, int, int] | None:
     """Bounding box of strongly red pixels in one frame, or None if fewer than ``min_pixels``."""
     f = frame_HWC.astype(np.int16)
     mask = (f[..., 0] >= min_red) & (f[..., 1] <= max_other) & (f[..., 2] <= max_other)

@@ -1,9 +1,9 @@
 """`evav render` and `evav tokenizer`: look at what the model sees; train a subword tokenizer.
 
-    evav render --text "the movie was great" --out words.png
-    evav render ../shared/datasets/fsdd/recordings/7_george_5.wav --out seven.png
-    evav render clip.mp4 --frames 8 --out clip.gif height=128 width=128
-    evav tokenizer train --input corpus.txt --out tok.model --vocab-size 8000
+evav render --text "the movie was great" --out words.png
+evav render ../shared/datasets/fsdd/recordings/7_george_5.wav --out seven.png
+evav render clip.mp4 --frames 8 --out clip.gif height=128 width=128
+evav tokenizer train --input corpus.txt --out tok.model --vocab-size 8000
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ def guess_kind(path: Path) -> str:
 
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", metavar="FILE", help="an image, audio or video file")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="RenderSpec overrides, e.g. height=128 width=128 audio.n_mels=128")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="RenderSpec overrides, e.g. height=128 width=128 audio.n_mels=128",
+    )
     p.add_argument("--text", help="render this text instead of a file")
     p.add_argument("--out", required=True, help="output: .png (contact sheet), .gif or .mp4")
     p.add_argument("--kind", choices=["image", "audio", "video"], help="force the input's modality")
@@ -48,7 +52,14 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
 def render_main(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from evav.frames import RenderSpec, TextRenderer, render_audio, render_image, render_video, save_clip
+    from evav.frames import (
+        RenderSpec,
+        TextRenderer,
+        render_audio,
+        render_image,
+        render_video,
+        save_clip,
+    )
 
     overrides = list(args.overrides)
     if args.file and "=" in args.file:  # `evav render --text T height=128`
@@ -56,6 +67,8 @@ def render_main(args: argparse.Namespace) -> int:
         args.file = None
     if bool(args.text) == bool(args.file):
         raise SystemExit("evav render: give exactly one of --text TEXT or one FILE")
+    if Path(args.out).suffix.lower() not in (".png", ".gif", ".mp4"):
+        raise SystemExit(f"evav render: --out {args.out}: must end in .png, .gif or .mp4")
     spec = load_config(RenderSpec, args.config, overrides)
     text = TextRenderer(spec)
     if args.text:
@@ -99,12 +112,18 @@ def tokenizer_main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         prefix = Path(tmp) / "tok"
         spm.SentencePieceTrainer.train(
-            input=str(src), model_prefix=str(prefix), vocab_size=args.vocab_size,
-            model_type=args.model_type, character_coverage=1.0, hard_vocab_limit=False,
+            input=str(src),
+            model_prefix=str(prefix),
+            vocab_size=args.vocab_size,
+            model_type=args.model_type,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
             minloglevel=2,
         )
         prefix.with_suffix(".model").replace(out)
         prefix.with_suffix(".vocab").replace(out.with_suffix(".vocab"))
-    print(f"{out}: SentencePiece {args.model_type} model, vocabulary up to {args.vocab_size}; "
-          f"use it with tokenizer={out}")
+    print(
+        f"{out}: SentencePiece {args.model_type} model, vocabulary up to {args.vocab_size}; "
+        f"use it with tokenizer={out}"
+    )
     return 0

@@ -19,15 +19,24 @@ from evav.frames.text import TextRenderer
 class Clip:
     frames: np.ndarray  # (T, H, W, 3) uint8
     loss_mask: np.ndarray  # (T,) bool: frames the loss is computed on
-    segments: dict[str, int] = field(default_factory=dict)  # frame counts: task, input, separator, output
+    segments: dict[str, int] = field(
+        default_factory=dict
+    )  # frame counts: task, input, separator, output
 
     def __post_init__(self):
-        assert self.frames.ndim == 4 and self.frames.shape[-1] == 3 and self.frames.dtype == np.uint8
+        assert (
+            self.frames.ndim == 4 and self.frames.shape[-1] == 3 and self.frames.dtype == np.uint8
+        )
         assert self.loss_mask.shape == (self.frames.shape[0],)
 
 
-def build_clip(text: TextRenderer, task: str, inputs: np.ndarray, outputs: np.ndarray | None = None,
-               supervise: str = "outputs") -> Clip:
+def build_clip(
+    text: TextRenderer,
+    task: str,
+    inputs: np.ndarray,
+    outputs: np.ndarray | None = None,
+    supervise: str = "outputs",
+) -> Clip:
     """Assemble a clip. ``supervise`` is ``"outputs"`` (answer frames only) or ``"all"``.
 
     Without ``outputs`` (pretraining on raw text or video) the clip is
@@ -36,7 +45,9 @@ def build_clip(text: TextRenderer, task: str, inputs: np.ndarray, outputs: np.nd
     spec = text.spec
     for name, arr in (("inputs", inputs), ("outputs", outputs)):
         if arr is not None and (arr.ndim != 4 or arr.shape[1:] != (spec.height, spec.width, 3)):
-            raise ValueError(f"{name}: expected (T, {spec.height}, {spec.width}, 3), got {arr.shape}")
+            raise ValueError(
+                f"{name}: expected (T, {spec.height}, {spec.width}, 3), got {arr.shape}"
+            )
     parts = [text.task_frame(task)[None], inputs]
     segments = {"task": 1, "input": len(inputs)}
     if outputs is not None:
@@ -47,7 +58,7 @@ def build_clip(text: TextRenderer, task: str, inputs: np.ndarray, outputs: np.nd
     if supervise == "all" or outputs is None:
         mask[1:] = True
     elif supervise == "outputs":
-        mask[len(frames) - len(outputs):] = True
+        mask[len(frames) - len(outputs) :] = True
     else:
         raise ValueError(f"supervise must be 'outputs' or 'all', got {supervise!r}")
     return Clip(frames, mask, segments)

@@ -46,7 +46,9 @@ def load_image(path: str | Path) -> Image.Image:
             img.load()
             return img.copy()
     except UnidentifiedImageError:
-        raise BadInputError(path, "not an image Pillow can read (unknown or corrupt format)") from None
+        raise BadInputError(
+            path, "not an image Pillow can read (unknown or corrupt format)"
+        ) from None
     except OSError as e:  # Pillow's truncated-file and decoder errors
         raise BadInputError(path, f"corrupt or truncated image: {e}") from None
     except Image.DecompressionBombError as e:

@@ -40,7 +40,9 @@ class TemplateDecoder:
         """Squared L2 distances ``(B, N)`` from each frame to each template (pixel units 0..255)."""
         x = torch.as_tensor(np.asarray(frames_BHWC)).float()
         if tuple(x.shape[1:]) != self.frame_shape:
-            raise ValueError(f"frames of shape {tuple(x.shape[1:])}, templates of {self.frame_shape}")
+            raise ValueError(
+                f"frames of shape {tuple(x.shape[1:])}, templates of {self.frame_shape}"
+            )
         out = []
         for s in range(0, len(x), chunk):
             xb = x[s : s + chunk]
@@ -65,7 +67,9 @@ class TemplateDecoder:
         for s in range(0, len(self.labels), 1024):
             q = self.T[s : s + 1024]
             q_sq = (q * q).sum(1, keepdim=True) * (3 if self.grey else 1)
-            d = (q_sq - 2.0 * (q @ self.T.T) * (3 if self.grey else 1) + self.t_sq[None]).clamp_min(0)
+            d = (q_sq - 2.0 * (q @ self.T.T) * (3 if self.grey else 1) + self.t_sq[None]).clamp_min(
+                0
+            )
             rms = (d / n_pix).sqrt()
             for i, j in (rms < min_rms).nonzero().tolist():
                 if s + i < j:

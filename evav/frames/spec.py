@@ -35,7 +35,9 @@ class AudioSpec:
             raise ValueError("audio: sample_rate, n_fft, hop_length and n_mels must be positive")
         f_max = self.f_max if self.f_max is not None else self.sample_rate / 2
         if not 0 <= self.f_min < f_max <= self.sample_rate / 2:
-            raise ValueError(f"audio: need 0 <= f_min < f_max <= sample_rate/2, got {self.f_min}, {f_max}")
+            raise ValueError(
+                f"audio: need 0 <= f_min < f_max <= sample_rate/2, got {self.f_min}, {f_max}"
+            )
         if self.window_s is not None and self.window_s <= 0:
             raise ValueError("audio.window_s must be positive (or null for one frame per clip)")
 
@@ -55,7 +57,9 @@ class RenderSpec:
 
     def __post_init__(self):
         if not (8 <= self.height <= 1024 and 8 <= self.width <= 1024):
-            raise ValueError(f"frame size must be between 8 and 1024 pixels, got {self.height}x{self.width}")
+            raise ValueError(
+                f"frame size must be between 8 and 1024 pixels, got {self.height}x{self.width}"
+            )
         if self.max_token_chars < 1:
             raise ValueError("max_token_chars must be >= 1")
         if self.font is not None and not Path(self.font).is_file():

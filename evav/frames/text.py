@@ -104,6 +104,8 @@ class TextRenderer:
         if token:
             size = min(w * self.spec.font_scale / len(token), float(w))
             size = round(size * 4) / 4  # quarter-pixel steps keep the font cache small
-            ImageDraw.Draw(img).text((w / 2, h / 2), token, fill=255, font=self._font(size), anchor="mm")
+            ImageDraw.Draw(img).text(
+                (w / 2, h / 2), token, fill=255, font=self._font(size), anchor="mm"
+            )
         grey = np.asarray(img)
         return np.repeat(grey[:, :, None], 3, axis=2)

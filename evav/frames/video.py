@@ -37,9 +37,14 @@ def render_video(path: str | Path, spec: RenderSpec, num_frames: int = 16) -> np
             stream.thread_type = "AUTO"
             declared = stream.frames or 0
             if declared > 0:
-                frames, decoded = _decode_selected(container, stream, uniform_indices(declared, num_frames), spec)
+                frames, decoded = _decode_selected(
+                    container, stream, uniform_indices(declared, num_frames), spec
+                )
                 if decoded < 0.9 * declared:
-                    raise BadInputError(path, f"truncated: header declares {declared} frames, only {decoded} decoded")
+                    raise BadInputError(
+                        path,
+                        f"truncated: header declares {declared} frames, only {decoded} decoded",
+                    )
             else:  # no frame count in the header: keep all (resized), then subsample
                 frames, decoded = _decode_selected(container, stream, None, spec)
                 frames = [frames[i] for i in uniform_indices(len(frames), num_frames)]

@@ -42,8 +42,9 @@ def save_clip(frames_THWC: np.ndarray, out: str | Path, fps: float = 4.0, column
             Image.fromarray(contact_sheet(frames_THWC, columns)).save(tmp)
         elif suffix == ".gif":
             images = [Image.fromarray(f) for f in frames_THWC]
-            images[0].save(tmp, save_all=True, append_images=images[1:],
-                           duration=int(1000 / fps), loop=0)
+            images[0].save(
+                tmp, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0
+            )
         else:
             _write_mp4(frames_THWC, tmp, fps)
         tmp.replace(out)
@@ -63,5 +64,7 @@ def _write_mp4(frames_THWC: np.ndarray, path: Path, fps: float) -> None:
         for f in frames_THWC:
             if (hh, ww) != (h, w):
                 f = np.pad(f, ((0, hh - h), (0, ww - w), (0, 0)))
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")))
+            container.mux(
+                stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24"))
+            )
         container.mux(stream.encode(None))
