@@ -29,6 +29,18 @@ COMMANDS = {
         "tokenizer_main",
         "train a SentencePiece tokenizer for subword text frames",
     ),
+    "preprocess": (
+        "preprocessing.cli",
+        "add_preprocess_arguments",
+        "preprocess_main",
+        "build WebDataset shards of rendered clips from a raw corpus",
+    ),
+    "inspect": (
+        "preprocessing.cli",
+        "add_inspect_arguments",
+        "inspect_main",
+        "summarise shards (counts, frame histogram, codec) and save example clips",
+    ),
     "model-info": (
         "evav.model.cli",
         "add_arguments",

@@ -15,6 +15,8 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ["tests.slurm_fixtures"]
+
 GOLDENS = Path(__file__).with_name("goldens")
 TEST_DATA = Path(__file__).with_name("data")
 

@@ -1,0 +1,65 @@
+"""sst2: GLUE SST-2 sentiment, text -> label word.
+
+Official layout: ``SST-2/{train,dev}.tsv`` (header ``sentence<TAB>label``, label 0 = negative,
+1 = positive; ``test.tsv`` has no labels and is skipped). Splits: train, val (= dev).
+A row without exactly two fields or with a label other than 0/1 is quarantined as
+``FILE:LINE``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from evav.errors import BadInputError
+from preprocessing.builders.base import Builder, Example, Item
+
+LABELS = ["negative", "positive"]
+FILES = {"train": "train.tsv", "val": "dev.tsv"}
+
+
+@dataclass
+class Sst2Options:
+    max_words: int = 64  # longer sentences keep their first max_words tokens
+
+
+class Sst2Builder(Builder):
+    name = "sst2"
+    Options = Sst2Options
+
+    def list_items(self) -> dict[str, list[Item]]:
+        found = {split: self.src / f for split, f in FILES.items() if (self.src / f).is_file()}
+        self.expect(bool(found), "expected GLUE SST-2 files train.tsv and/or dev.tsv")
+        out = {}
+        for split, path in found.items():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            self.expect(
+                bool(lines) and lines[0].split("\t")[:2] == ["sentence", "label"],
+                f"{path.name}: expected the header 'sentence<TAB>label'",
+            )
+            out[split] = [Item(f"{path}:{n}", line) for n, line in enumerate(lines[1:], start=2)]
+        return out
+
+    def example(self, item: Item) -> Example:
+        fields = item.data.split("\t")
+        if len(fields) != 2:
+            raise BadInputError(
+                item.source, f"broken row: {len(fields)} tab-separated fields, expected 2"
+            )
+        sentence, label = fields[0].strip(), fields[1].strip()
+        if label not in ("0", "1"):
+            raise BadInputError(item.source, f"label {label!r} is not 0 or 1")
+        tokens = self.text.tokenize(sentence)[: self.options.max_words]
+        if not tokens:
+            raise BadInputError(item.source, "empty sentence")
+        word = LABELS[int(label)]
+        return Example(
+            "sst2",
+            self.text.render_tokens(tokens),
+            self.words(word),
+            word,
+            int(label),
+            extra={"text": sentence},
+        )
+
+
+BUILDER = Sst2Builder

@@ -1,0 +1,145 @@
+"""`evav preprocess` and `evav inspect`.
+
+evav preprocess BUILDER --src RAW --out DIR [--workers N] [--num-parts N --part I]
+                [--shard-mb MB | --shard-samples N] [--codec C] [--limit N] [--seed S]
+                [option=value ...] [render.FIELD=value ...]
+evav preprocess --merge --out DIR          # after every --part build finished
+evav preprocess --list                     # builders and their options
+evav inspect DIR_OR_TAR [--out sheet.png|clip.gif] [--num 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+
+from evav.config import ConfigError
+
+
+def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Builder options and render fields go after the flags as key=value, e.g. "
+        "`evav preprocess synthetic --out d train_per_task=200 render.height=128`; "
+        "`evav preprocess --list` shows every builder's options."
+    )
+    p.add_argument("builder", nargs="?", help="which corpus (see --list)")
+    p.add_argument("--src", help="the raw dataset folder (its official layout)")
+    p.add_argument("--out", help="output folder: DIR/{split}/shard-NNNNNN.tar + manifest.json")
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine")
+    p.add_argument(
+        "--num-parts", type=int, help="machines sharing the build (default: Slurm array size)"
+    )
+    p.add_argument(
+        "--part", type=int, help="this machine's part, 0-based (default: Slurm array index)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="for generated data and random draws")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size (default 64)")
+    p.add_argument("--shard-samples", type=int, help="inputs per shard (overrides --shard-mb)")
+    p.add_argument(
+        "--codec", help="evav.codec preset or CODEC:PIX_FMT[:crf=N] (default: per builder)"
+    )
+    p.add_argument("--limit", type=int, help="keep only the first N inputs of each split")
+    p.add_argument(
+        "--merge", action="store_true", help="write DIR/manifest.json from finished parts"
+    )
+    p.add_argument("--list", action="store_true", help="list builders and their options")
+
+
+def preprocess_main(args: argparse.Namespace) -> int:
+    from preprocessing.builders import builder_names, get_builder
+    from preprocessing.merge import merge
+    from preprocessing.runner import BuildConfig, build, describe, parse_overrides, slurm_parts
+
+    if args.list:
+        for name in builder_names():
+            cls = get_builder(name)
+            opts = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Options))
+            print(f"{name:13s} codec {cls.codec:13s} {opts}")
+        return 0
+    try:
+        if not args.out:
+            raise ValueError("--out DIR is required")
+        if args.merge:
+            manifest = merge(args.out)
+        else:
+            if not args.builder:
+                raise ValueError("name a BUILDER (see `evav preprocess --list`), or use --merge")
+            num_parts, part = slurm_parts()
+            options, render = parse_overrides(args.overrides)
+            cfg = BuildConfig(
+                builder=args.builder,
+                out=args.out,
+                src=args.src,
+                options=options,
+                render=render,
+                workers=args.workers,
+                num_parts=args.num_parts if args.num_parts is not None else num_parts,
+                part=args.part if args.part is not None else part,
+                seed=args.seed,
+                shard_samples=args.shard_samples,
+                shard_mb=args.shard_mb,
+                codec=args.codec,
+                limit=args.limit,
+                command=_command(args),
+            )
+            manifest = build(cfg)
+            if manifest is None:
+                return 0
+    except (ValueError, ConfigError) as e:
+        print(f"evav preprocess: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {describe(manifest)}")
+    return 0
+
+
+def _default(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "?"
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line, rebuilt from the parsed arguments (the same however evav was started)."""
+    words = ["evav", "preprocess", args.builder]
+    for flag in (
+        "src",
+        "out",
+        "workers",
+        "num_parts",
+        "part",
+        "seed",
+        "shard_mb",
+        "shard_samples",
+        "codec",
+        "limit",
+    ):
+        v = getattr(args, flag)
+        if v is not None:
+            words += [f"--{flag.replace('_', '-')}", str(v)]
+    return shlex.join(words + list(args.overrides))
+
+
+def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a dataset folder (with manifest.json), a split folder or a .tar")
+    p.add_argument("--out", help="write N random samples: a contact sheet .png, or a .gif")
+    p.add_argument("--num", type=int, default=8, help="samples in --out (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="which random samples")
+
+
+def inspect_main(args: argparse.Namespace) -> int:
+    from preprocessing.inspect import inspect, write_examples
+
+    try:
+        report = inspect(args.path)
+        print(report.text())
+        if args.out:
+            out = write_examples(report, args.out, args.num, args.seed)
+            print(f"wrote {out}")
+    except ValueError as e:
+        print(f"evav inspect: error: {e}", file=sys.stderr)
+        return 2
+    return 0

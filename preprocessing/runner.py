@@ -1,0 +1,408 @@
+"""The runner: builder inputs -> rendered, encoded clips -> shards, in parallel and resumably.
+
+    from preprocessing.runner import BuildConfig, build
+    manifest = build(BuildConfig("fsdd", src="raw/fsdd", out="shards/fsdd", workers=8))
+
+How work is cut (so that any number of workers or parts gives the same bytes):
+
+1. The builder lists each split's inputs in a fixed order (``--limit`` keeps the first N).
+2. Each split is cut into shards of ``shard_samples`` consecutive inputs (given, or estimated
+   from ``--shard-mb`` by rendering the split's first few inputs); shard ``i`` holds inputs
+   ``[i*k, (i+1)*k)`` and each sample's key is its input index.
+3. Shards are dealt round-robin to parts (``--num-parts N --part I``, default from
+   ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``); a part's shards go to ``--workers``
+   processes. A shard is written under a temporary name, renamed when complete, then recorded
+   (preprocessing/layout.py); a rerun skips recorded shards.
+4. When every shard is recorded, the merge (preprocessing/merge.py) writes ``manifest.json``:
+   a single-part build merges itself, and so does the part that finds every shard done; the
+   explicit step is ``evav preprocess --merge`` (the dependent Slurm job).
+
+A bad input (``BadInputError`` from the builder or a renderer) is quarantined with its reason;
+inputs = samples written + quarantined, in every shard record.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from evav import __version__
+from evav.codec import CodecSpec, encode_clip
+from evav.config import apply_overrides, from_dict, to_dict
+from evav.errors import BadInputError
+from evav.frames import RenderSpec, build_clip
+from evav.manifest import Manifest, SampleMeta, write_json_atomic
+from preprocessing.builders import Builder, Item, get_builder
+from preprocessing.layout import (
+    part_path,
+    plan_path,
+    read_json,
+    read_record,
+    record_path,
+    shard_path,
+)
+from preprocessing.merge import merge
+from preprocessing.shards import ShardWriter, file_sha256
+
+ESTIMATE_INPUTS = 8  # inputs rendered per split to turn --shard-mb into a sample count
+
+
+@dataclass
+class BuildConfig:
+    builder: str
+    out: str
+    src: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # the builder's Options, plain data
+    render: dict[str, Any] = field(default_factory=dict)  # RenderSpec fields, plain data
+    workers: int = 1
+    num_parts: int = 1
+    part: int = 0
+    seed: int = 0
+    shard_samples: int | None = None  # inputs per shard; None: from shard_mb
+    shard_mb: float = 64.0
+    codec: str | None = None  # evav.codec preset or spec; None: the builder's default
+    limit: int | None = None  # keep the first N inputs of each split
+    command: str = ""  # recorded in the manifest
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a worker process needs to rebuild the builder and its inputs (picklable)."""
+
+    builder: str
+    src: str | None
+    options: dict
+    render: dict
+    seed: int
+    codec: str
+    limit: int | None
+    out: str
+
+    def make_builder(self) -> Builder:
+        cls = get_builder(self.builder)
+        spec = from_dict(RenderSpec, self.render, "render")
+        return cls(self.src, from_dict(cls.Options, self.options, self.builder), spec, self.seed)
+
+    def items(self, builder: Builder) -> dict[str, list[Item]]:
+        items = builder.list_items()
+        return {
+            s: v[: self.limit] if self.limit is not None else v for s, v in sorted(items.items())
+        }
+
+
+def build(cfg: BuildConfig) -> Manifest | None:
+    """Build this part's shards; return the manifest when the build is complete (else None)."""
+    if cfg.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
+    if not 0 <= cfg.part < cfg.num_parts:
+        raise ValueError(f"--part must be in 0..{cfg.num_parts - 1}, got {cfg.part}")
+    if cfg.shard_samples is not None and cfg.shard_samples < 1:
+        raise ValueError("--shard-samples must be >= 1")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise ValueError("--limit must be >= 0")
+    cls = get_builder(cfg.builder)
+    codec = CodecSpec.parse(cfg.codec or cls.codec)
+    options = to_dict(from_dict(cls.Options, cfg.options, cfg.builder))
+    render = to_dict(from_dict(RenderSpec, cfg.render, "render"))
+    out = Path(cfg.out)
+    job = Job(cfg.builder, cfg.src, options, render, cfg.seed, str(codec), cfg.limit, str(out))
+    builder = job.make_builder()
+    items = job.items(builder)
+    if not any(items.values()):
+        raise ValueError(f"{cfg.builder}: --src {cfg.src}: no inputs found")
+    plan = _plan(job, builder, items, cfg)
+    _write_plan(out, plan)
+    write_json_atomic(
+        part_path(out, cfg.part, cfg.num_parts),
+        {"part": cfg.part, "num_parts": cfg.num_parts, "command": cfg.command},
+    )
+    mine = [sid for n, sid in enumerate(_all_shards(plan)) if n % cfg.num_parts == cfg.part]
+    for split, index in mine:  # leftovers of a killed run of this part
+        for tmp in shard_path(out, split, index).parent.glob(f".shard-{index:06d}.tar.tmp-*"):
+            tmp.unlink(missing_ok=True)
+    todo = [sid for sid in mine if read_record(out, *sid) is None]
+    total = sum(_shard_range(plan, *sid)[1] - _shard_range(plan, *sid)[0] for sid in todo)
+    desc = f"{cfg.builder}" + (f" part {cfg.part}/{cfg.num_parts}" if cfg.num_parts > 1 else "")
+    if len(todo) < len(mine):
+        print(f"{desc}: {len(mine) - len(todo)} of {len(mine)} shards already done, skipping them")
+    t0 = time.perf_counter()
+    bar = _progress_bar(total, desc)
+    if cfg.workers == 1 or len(todo) <= 1:
+        with bar() as b:
+            for sid in todo:
+                _run_shard(builder, items, plan, job, *sid, b.update)
+    else:
+        _run_pool(job, builder, items, plan, todo, min(cfg.workers, len(todo)), bar)
+    if todo:
+        print(f"{desc}: {total} inputs in {time.perf_counter() - t0:.1f} s")
+    if cfg.num_parts > 1:
+        done = all(read_record(out, *sid) is not None for sid in _all_shards(plan))
+        if not done:
+            print(
+                f"part {cfg.part} done; when all parts are, run: evav preprocess --merge --out {out}"
+            )
+            return None
+    return merge(out)
+
+
+# -- planning --------------------------------------------------------------------------------
+def _plan(job: Job, builder: Builder, items: dict[str, list[Item]], cfg: BuildConfig) -> dict:
+    splits = {}
+    for split, its in items.items():
+        k = cfg.shard_samples or _estimate_shard_samples(builder, its, split, job, cfg.shard_mb)
+        splits[split] = {"inputs": len(its), "shard_samples": k}
+    return {
+        "builder": job.builder,
+        "builder_version": type(builder).version,
+        "options": job.options,
+        "render_spec": job.render,
+        "render_hash": builder.spec.hash,
+        "codec": job.codec,
+        "seed": job.seed,
+        "limit": job.limit,
+        "splits": splits,
+    }
+
+
+def _estimate_shard_samples(builder, its, split, job, shard_mb: float) -> int:
+    sizes = []
+    for n, item in enumerate(its[:ESTIMATE_INPUTS]):
+        try:
+            members, _ = render_sample(builder, item, f"{n:08d}", split, job.codec)
+        except BadInputError:
+            continue
+        sizes.append(sum(len(b) for b in members.values()) + 1536)  # + tar headers
+    mean = sum(sizes) / len(sizes) if sizes else 2**20
+    return max(1, int(shard_mb * 2**20 / mean))
+
+
+def _write_plan(out: Path, plan: dict) -> None:
+    path = plan_path(out)
+    if path.is_file():
+        old = read_json(path)
+        old_content = {k: v for k, v in old.items() if k != "code_version"}
+        if old_content != plan:
+            diff = sorted(k for k in plan if old_content.get(k) != plan[k])
+            raise ValueError(
+                f"{out} holds a build with other settings ({', '.join(diff)} differ); "
+                "use another --out, or delete it to start over"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**plan, "code_version": code_version()})
+
+
+def _all_shards(plan: dict) -> list[tuple[str, int]]:
+    return [
+        (split, i)
+        for split, s in sorted(plan["splits"].items())
+        for i in range(math.ceil(s["inputs"] / s["shard_samples"]))
+    ]
+
+
+def _shard_range(plan: dict, split: str, index: int) -> tuple[int, int]:
+    s = plan["splits"][split]
+    k = s["shard_samples"]
+    return index * k, min(s["inputs"], (index + 1) * k)
+
+
+def code_version() -> str:
+    """``evav VERSION`` plus the git commit of the source tree, when there is one."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        return f"evav {__version__} (git {commit[:12]})"
+    except (OSError, subprocess.SubprocessError):
+        return f"evav {__version__}"
+
+
+# -- one sample, one shard -------------------------------------------------------------------
+def render_sample(
+    builder: Builder, item: Item, key: str, split: str, codec: str
+) -> tuple[dict[str, bytes], SampleMeta]:
+    """One input -> shard members ``{"mp4": clip, "json": metadata}``; BadInputError if bad."""
+    ex = builder.example(item)
+    clip = build_clip(builder.text, ex.task, ex.inputs, ex.outputs, ex.supervise)
+    meta = SampleMeta(
+        key=key,
+        task=ex.task,
+        split=split,
+        source=item.source,
+        segments=clip.segments,
+        num_frames=len(clip.frames),
+        supervise=ex.supervise if ex.outputs is not None else "all",
+        answer=ex.answer,
+        label=ex.label,
+        render_hash=builder.spec.hash,
+        extra=ex.extra,
+    )
+    data = encode_clip(clip.frames, CodecSpec.parse(codec))
+    return {"mp4": data, "json": meta.to_json()}, meta
+
+
+def _run_shard(builder, items, plan, job: Job, split: str, index: int, progress) -> None:
+    out = Path(job.out)
+    lo, hi = _shard_range(plan, split, index)
+    samples, quarantined, tasks, frames = [], [], Counter(), 0
+    for n in range(lo, hi):
+        item = items[split][n]
+        try:
+            members, meta = render_sample(builder, item, f"{n:08d}", split, job.codec)
+            samples.append((meta.key, members))
+            tasks[meta.task] += 1
+            frames += meta.num_frames
+        except BadInputError as e:
+            quarantined.append({"source": item.source, "reason": _reason(e, item)})
+        progress(1)
+    final = shard_path(out, split, index)
+    record = {
+        "split": split,
+        "index": index,
+        "inputs": hi - lo,
+        "samples": len(samples),
+        "frames": frames,
+        "tasks": dict(sorted(tasks.items())),
+        "quarantined": quarantined,
+        "path": None,
+        "bytes": 0,
+        "sha256": "",
+    }
+    if samples:
+        with ShardWriter(final, f"{os.getpid()}") as w:
+            for key, members in samples:
+                w.add(key, members)
+        record.update(
+            path=f"{split}/{final.name}", bytes=final.stat().st_size, sha256=file_sha256(final)
+        )
+    rec_path = record_path(out, split, index)
+    rec_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(rec_path, record)
+
+
+def _reason(e: BadInputError, item: Item) -> str:
+    return e.reason if e.path == item.source else f"{e.path}: {e.reason}"
+
+
+# -- worker processes ------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _progress_bar(total: int, desc: str):
+    """A factory, so that worker processes are forked before tqdm starts its monitor thread."""
+    return lambda: tqdm(total=total, unit="sample", desc=desc, dynamic_ncols=True, smoothing=0.05)
+
+
+def _init_worker(job: Job, plan: dict, progress_queue) -> None:
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    torch.set_num_threads(1)  # one core per worker; also keeps OpenMP out of forked children
+    if "builder" not in _WORKER:  # spawned (not forked): rebuild the builder and its inputs
+        builder = job.make_builder()
+        _WORKER.update(builder=builder, items=job.items(builder))
+    _WORKER.update(job=job, plan=plan, q=progress_queue)
+
+
+class _Progress:
+    """Reports samples done to the parent at most every 0.2 s (a message per sample costs CPU)."""
+
+    def __init__(self, q):
+        self.q, self.n, self.last = q, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.n += n
+        if time.monotonic() - self.last > 0.2:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.n:
+            self.q.put(self.n)
+        self.n, self.last = 0, time.monotonic()
+
+
+def _work(sid: tuple[str, int]) -> tuple[str, int]:
+    w = _WORKER
+    progress = _Progress(w["q"])
+    _run_shard(w["builder"], w["items"], w["plan"], w["job"], *sid, progress)
+    progress.flush()
+    return sid
+
+
+def _run_pool(job: Job, builder, items, plan: dict, todo: list, workers: int, bar) -> None:
+    """Shards over ``workers`` processes: forked on Linux (they inherit the builder and its
+    inputs, so they start at once), spawned elsewhere. Progress comes back through a queue."""
+    fork = sys.platform == "linux"
+    ctx = mp.get_context("fork" if fork else "spawn")
+    progress = ctx.Queue()
+    if fork:
+        _WORKER.update(builder=builder, items=items)
+    try:
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job, plan, progress))
+    finally:
+        _WORKER.clear()
+    with pool, bar() as b:
+        results = [pool.apply_async(_work, (sid,)) for sid in todo]
+        while results:
+            try:
+                b.update(progress.get(timeout=0.2))
+                while True:
+                    b.update(progress.get_nowait())
+            except queue.Empty:
+                pass
+            for r in [r for r in results if r.ready()]:
+                r.get()  # re-raises a worker's exception (a bug, not a bad input)
+                results.remove(r)
+        while True:
+            try:
+                b.update(progress.get_nowait())
+            except queue.Empty:
+                break
+
+
+def slurm_parts() -> tuple[int, int]:
+    """(num_parts, part) from a Slurm array job's environment, else (1, 0)."""
+    count, task = os.environ.get("SLURM_ARRAY_TASK_COUNT"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if count is None or task is None:
+        return 1, 0
+    lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return int(count), int(task) - lo
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, dict]:
+    """``key=value`` -> (builder options, render fields); ``render.KEY=V`` goes to RenderSpec."""
+    data = apply_overrides({}, overrides)
+    render = data.pop("render", {}) or {}
+    if not isinstance(render, dict):
+        raise ValueError("render=...: give render fields as render.KEY=VALUE")
+    return data, render
+
+
+def describe(manifest: Manifest) -> str:
+    """A short summary of a finished build."""
+    parts = [
+        f"{name}: {s.samples} samples, {s.frames} frames, {len(s.shards)} shards"
+        + (f", {s.inputs - s.samples} quarantined" if s.inputs != s.samples else "")
+        for name, s in manifest.splits.items()
+    ]
+    return "; ".join(parts) + f" (codec {manifest.codec})"
+
+
+__all__ = ["BuildConfig", "Job", "build", "describe", "merge", "parse_overrides", "render_sample"]
