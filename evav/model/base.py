@@ -1,0 +1,67 @@
+"""NextFrameModel: what both families share: patch embedding, pixel head, positions, init.
+
+    pred_BTHWC = model(frames_BTHWC)      # frames in [0, 1]; pred[:, t] predicts frame t + 1
+
+A family implements only ``trunk`` (tokens -> tokens). With a ``KVCache`` the frames are the
+next ones after ``cache.pos`` (a prefill from frame 0, then one frame per call); see
+``evav.model.generate``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from evav.model.attention import KVCache
+from evav.model.config import ModelConfig
+from evav.model.patches import PatchEmbed, PixelHead
+
+
+class NextFrameModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = PatchEmbed(cfg.patch_size, cfg.dim, cfg.grid[0] * cfg.grid[1])
+        self.head = PixelHead(cfg.patch_size, cfg.dim, cfg.height, cfg.width)
+
+    def trunk(
+        self, x_BTPD: torch.Tensor, positions_T: torch.Tensor, cache: KVCache | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, frames_BTHWC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Frames (B, T, H, W, 3) float in [0, 1] -> next-frame predictions, same shape."""
+        cfg = self.cfg
+        if frames_BTHWC.ndim != 5 or frames_BTHWC.shape[2:] != (cfg.height, cfg.width, 3):
+            raise ValueError(
+                f"expected frames (B, T, {cfg.height}, {cfg.width}, 3), got {tuple(frames_BTHWC.shape)}"
+            )
+        if not frames_BTHWC.is_floating_point():
+            raise ValueError(f"expected float frames in [0, 1], got {frames_BTHWC.dtype}")
+        T = frames_BTHWC.shape[1]
+        start = cache.pos if cache is not None else 0
+        positions_T = torch.arange(start, start + T, device=frames_BTHWC.device)
+        x = self.trunk(self.embed(frames_BTHWC), positions_T, cache)
+        if cache is not None:
+            cache.pos += T
+        return self.head(x)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Set every parameter: linear weights N(0, init_std) truncated at 3 std (residual output
+        projections scaled by 1/sqrt(2 * blocks), GPT-2 style), the patch position embedding
+        N(0, init_std) truncated, biases 0, norm scales 1."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * max(self.cfg.num_blocks, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                s = out_std if getattr(m, "is_residual_out", False) else std
+                nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, PatchEmbed):
+                nn.init.trunc_normal_(m.pos_PD, std=std, a=-3 * std, b=3 * std)

@@ -1,0 +1,120 @@
+"""Next-frame loss: L1 + (1 - MS-SSIM), in fp32, on the target frames the masks select.
+
+    loss, per_task = next_frame_loss(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B)
+    loss.backward()                     # mean over selected frames of L1 + 1 - MS-SSIM
+    per_task[3]                         # the same mean over task 3's frames only (detached)
+
+``pred[:, t]`` predicts frame ``t + 1``, so target frame ``t >= 1`` is scored against
+``pred[:, t - 1]``; frame 0 is never a target. ``loss_mask[b, t]`` (True: supervise frame t, as
+in ``Clip.loss_mask``) and ``pad_mask[b, t]`` (True: padding, never scored) are over the clip's
+frames, i.e. over targets.
+
+MS-SSIM (Wang et al. 2003) with a small Gaussian window (default 3 x 3, sigma 1.5) and the
+standard five scale weights. Each scale halves the frame (2x2 average pool) and the valid
+window must fit at the coarsest scale, so the number of scales is the largest ``s <= 5`` with
+``min(H, W) / 2**(s - 1) >= window``: 5 scales at 64x64 (64, 32, 16, 8, 4 pixels), 4 at 32x32;
+the weights of the scales used are renormalised to sum to 1. Contrast/structure terms are
+clamped at a small positive value before the fractional powers (negative correlations would
+give NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+C1, C2 = 0.01**2, 0.03**2  # for data range 1
+
+
+def num_scales(height: int, width: int, window: int = 3) -> int:
+    """Scales MS-SSIM uses for a frame size: the valid window must fit at the coarsest one."""
+    scales = 1
+    while scales < len(MS_SSIM_WEIGHTS) and min(height, width) >> scales >= window:
+        scales += 1
+    return scales
+
+
+def _blur(x_NCHW: torch.Tensor, kernel_K: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter per channel, 'valid' (no padding)."""
+    C, K = x_NCHW.shape[1], kernel_K.numel()
+    x = F.conv2d(x_NCHW, kernel_K.view(1, 1, K, 1).expand(C, 1, K, 1), groups=C)
+    return F.conv2d(x, kernel_K.view(1, 1, 1, K).expand(C, 1, 1, K), groups=C)
+
+
+def ms_ssim(
+    x_NCHW: torch.Tensor, y_NCHW: torch.Tensor, window: int = 3, sigma: float = 1.5
+) -> torch.Tensor:
+    """MS-SSIM per image (N,) of images in [0, 1]; 1 means identical."""
+    H, W = x_NCHW.shape[-2:]
+    if min(H, W) < window:
+        raise ValueError(f"frames {H}x{W} are smaller than the MS-SSIM window {window}")
+    scales = num_scales(H, W, window)
+    weights = torch.tensor(MS_SSIM_WEIGHTS[:scales], device=x_NCHW.device)
+    weights = weights / weights.sum()
+    k = torch.arange(window, device=x_NCHW.device, dtype=x_NCHW.dtype) - (window - 1) / 2
+    kernel = torch.exp(-(k**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    terms = []
+    for scale in range(scales):
+        if scale:
+            x_NCHW, y_NCHW = F.avg_pool2d(x_NCHW, 2), F.avg_pool2d(y_NCHW, 2)
+        mu_x, mu_y = _blur(x_NCHW, kernel), _blur(y_NCHW, kernel)
+        var_x = _blur(x_NCHW * x_NCHW, kernel) - mu_x**2
+        var_y = _blur(y_NCHW * y_NCHW, kernel) - mu_y**2
+        cov = _blur(x_NCHW * y_NCHW, kernel) - mu_x * mu_y
+        cs = (2 * cov + C2) / (var_x + var_y + C2)
+        if scale == scales - 1:  # luminance only at the coarsest scale
+            cs = cs * (2 * mu_x * mu_y + C1) / (mu_x**2 + mu_y**2 + C1)
+        terms.append(cs.mean(dim=(1, 2, 3)).clamp(min=1e-4))
+    return torch.prod(torch.stack(terms, dim=-1) ** weights, dim=-1)
+
+
+def next_frame_loss(
+    pred_BTHWC: torch.Tensor,
+    frames_BTHWC: torch.Tensor,
+    loss_mask_BT: torch.Tensor,
+    pad_mask_BT: torch.Tensor | None = None,
+    task_ids_B: torch.Tensor | None = None,
+    window: int = 3,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Scalar loss (mean over selected target frames) and per-task means (detached).
+
+    ``frames`` float in [0, 1] (uint8 is converted). With no frame selected the loss is a zero
+    that still backpropagates, and the dict is empty.
+    """
+    if pred_BTHWC.shape != frames_BTHWC.shape or pred_BTHWC.ndim != 5:
+        raise ValueError(
+            f"pred {tuple(pred_BTHWC.shape)} and frames {tuple(frames_BTHWC.shape)} "
+            "must both be (B, T, H, W, C)"
+        )
+    B, T = pred_BTHWC.shape[:2]
+    for name, m in (("loss_mask", loss_mask_BT), ("pad_mask", pad_mask_BT)):
+        if m is not None and (m.shape != (B, T) or m.dtype != torch.bool):
+            raise ValueError(
+                f"{name} must be a ({B}, {T}) bool tensor, got {m.dtype} {tuple(m.shape)}"
+            )
+    if task_ids_B is not None and task_ids_B.shape != (B,):
+        raise ValueError(f"task_ids must be ({B},), got {tuple(task_ids_B.shape)}")
+    select_BT = loss_mask_BT[:, 1:]
+    if pad_mask_BT is not None:
+        select_BT = select_BT & ~pad_mask_BT[:, 1:]
+    with torch.autocast(pred_BTHWC.device.type, enabled=False):
+        pred_NHWC = pred_BTHWC[:, :-1][select_BT].float()
+        target_NHWC = frames_BTHWC[:, 1:][select_BT]
+        target_NHWC = (
+            target_NHWC.float() / 255
+            if not target_NHWC.is_floating_point()
+            else target_NHWC.float()
+        )
+        if pred_NHWC.shape[0] == 0:
+            return pred_BTHWC.sum() * 0.0, {}
+        l1_N = (pred_NHWC - target_NHWC).abs().mean(dim=(1, 2, 3))
+        ssim_N = ms_ssim(pred_NHWC.permute(0, 3, 1, 2), target_NHWC.permute(0, 3, 1, 2), window)
+        loss_N = l1_N + 1 - ssim_N
+    per_task: dict[int, torch.Tensor] = {}
+    if task_ids_B is not None:
+        task_N = task_ids_B.to(select_BT.device)[:, None].expand(B, T - 1)[select_BT]
+        for task in task_N.unique().tolist():
+            per_task[int(task)] = loss_N[task_N == task].mean().detach()
+    return loss_N.mean(), per_task
