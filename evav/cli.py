@@ -41,6 +41,12 @@ COMMANDS = {
         "inspect_main",
         "summarise shards (counts, frame histogram, codec) and save example clips",
     ),
+    "train": (
+        "evav.train",
+        "add_arguments",
+        "main",
+        "train a model with DeepSpeed (one process, torchrun, or Slurm srun)",
+    ),
     "model-info": (
         "evav.model.cli",
         "add_arguments",

@@ -1,0 +1,213 @@
+"""The one module that talks to DeepSpeed and the process group.
+
+Everything distributed goes through here: reading the launch environment (torchrun, the
+deepspeed launcher, or Slurm ``srun``), initialising the process group (gloo on CPU, nccl on
+GPU), building the DeepSpeed engine from evav's typed config (the DeepSpeed config dict is
+generated, never kept by hand), collectives the trainer needs, and engine checkpoint I/O.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to ``lr * min_lr_ratio``."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class EngineConfig:
+    """How DeepSpeed runs the model (see ``deepspeed_config`` for the dict it generates)."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False  # ZeRO >= 1: optimizer state in CPU memory
+    precision: Literal["fp32", "bf16"] = "bf16"
+    grad_accum_steps: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+    extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed dict
+
+
+def launch_env() -> DistEnv:
+    """Rank and world from torchrun/deepspeed (RANK, WORLD_SIZE) or Slurm srun (SLURM_PROCID)."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
+                       "torchrun")
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                       int(env.get("SLURM_LOCALID", 0)),
+                       env.get("MASTER_ADDR") or _slurm_first_host(env["SLURM_JOB_NODELIST"]),
+                       int(env.get("MASTER_PORT", 29500)), "slurm")
+    return DistEnv()
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                         text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def init(cfg: EngineConfig, timeout_min: float = 30) -> DistEnv:
+    """Initialise the process group for this launch (a no-op group of one when not launched)."""
+    import deepspeed
+
+    denv = launch_env()
+    os.environ.update(RANK=str(denv.rank), WORLD_SIZE=str(denv.world_size),
+                      LOCAL_RANK=str(denv.local_rank), MASTER_ADDR=denv.master_addr,
+                      MASTER_PORT=str(denv.master_port))
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(denv.local_rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=datetime.timedelta(minutes=timeout_min))
+    return denv
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int,
+                     world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict, generated from evav's config (nothing else is hand-kept)."""
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": engine.grad_accum_steps,
+        "train_batch_size": micro_batch * engine.grad_accum_steps * world_size,
+        "gradient_clipping": optim.grad_clip,
+        "steps_per_print": 10**9,  # evav logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
+            "weight_decay": optim.weight_decay}},
+    }
+    if engine.offload_optimizer:
+        if engine.zero_stage == 0:
+            raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    _merge(ds, engine.extra)
+    return ds
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Multiplier on ``optim.lr`` at each optimizer step: linear warmup, cosine to min_lr_ratio."""
+
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / max(1, optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfig,
+                 micro_batch: int, total_steps: int, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
+    import deepspeed
+
+    ds = deepspeed_config(engine, optim, micro_batch, world_size)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    eng, _, _, sched = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
+    )
+    return eng, sched
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce (sum or max) over the data-parallel group; identity when alone."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        red = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}[op]
+        torch.distributed.all_reduce(t, op=red)
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def save_engine(engine, directory: Path, tag: str) -> None:
+    """Every rank writes its DeepSpeed shards of ``engine`` under ``directory/tag``."""
+    engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
+
+
+def load_engine(engine, directory: Path, tag: str) -> None:
+    """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails."""
+    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+
+
+def destroy() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,32 @@
+"""Fault injection for the crash-safety tests: off unless ``EVAV_FAULT`` is set.
+
+    EVAV_FAULT=kill_in_save:20      SIGKILL this process inside the save of step 20's checkpoint,
+                                    after the engine shards are written, before the commit marker
+    EVAV_FAULT=nan_loss:5,6,7       make the training loss non-finite at these steps
+
+Several faults are separated by ``;``. The hooks cost one dict lookup when unset.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+
+
+@functools.lru_cache(maxsize=1)
+def _faults() -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for part in filter(None, os.environ.get("EVAV_FAULT", "").split(";")):
+        name, _, steps = part.partition(":")
+        out[name.strip()] = {int(s) for s in steps.split(",") if s.strip()}
+    return out
+
+
+def active(name: str, step: int) -> bool:
+    return step in _faults().get(name, ())
+
+
+def kill_in_save(step: int) -> None:
+    if active("kill_in_save", step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,356 @@
+"""Training: one function, top to bottom. `evav train CONFIG.yaml [key=value ...]`.
+
+    evav train configs/debug.yaml data.train=[shards/synthetic] steps=200 run_dir=runs/debug
+    torchrun --nproc_per_node 2 -m evav.cli train configs/debug.yaml engine.zero_stage=2
+    srun python -m evav.cli train ...          (slurm/train.sbatch does this)
+
+config -> logging -> signals -> distributed -> data -> model -> DeepSpeed engine -> resume ->
+loop (step, log, validate, checkpoint, preemption) -> teardown. Re-running the same command
+with the same run directory resumes from the latest complete checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evav import checkpoint, faults
+from evav import distributed as dist
+from evav.config import dump_yaml, load_config, to_dict
+from evav.data import DataConfig, Loader
+from evav.distributed import EngineConfig, OptimConfig
+from evav.metrics import MetricsConfig, MetricsLogger
+from evav.model import ModelConfig, build_model, next_frame_loss, train_flops_per_frame
+from evav.preemption import Preemption, requeue_slurm_job
+
+log = logging.getLogger("evav.train")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/debug"
+    seed: int = 0
+    steps: int = 200
+    micro_batch: int = 8  # clips per rank per micro-step
+    log_every: int = 10
+    val_every: int = 100  # 0: no validation
+    val_batches: int = 4
+    ckpt_every: int = 100  # 0: only at the end and on preemption
+    keep_last: int = 2
+    keep_every: int = 0  # also keep checkpoints whose step is a multiple of this (0: none)
+    max_skipped_steps: int = 10  # non-finite losses tolerated before the run stops
+    peak_flops: float = 0.0  # per device, for MFU (989e12: H100/H200 bf16 dense); 0: no MFU
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train to ``cfg.steps``; returns the final summary (step, last losses)."""
+    run_dir = Path(cfg.run_dir)
+    with contextlib.ExitStack() as stack:
+        # -- distributed and logging ------------------------------------------------------
+        denv = dist.init(cfg.engine)
+        stack.callback(dist.destroy)
+        _setup_logging(denv.rank)
+        preempt = Preemption()
+        stack.callback(preempt.restore)
+        torch.manual_seed(cfg.seed + denv.rank)
+        random.seed(cfg.seed + denv.rank)
+        np.random.seed((cfg.seed + denv.rank) % 2**32)
+        device = dist.device()
+        config_yaml = dump_yaml(cfg)
+        if denv.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_yaml)
+
+        # -- data ------------------------------------------------------------------------
+        loader = Loader(cfg.data, split="train", rank=denv.rank, world_size=denv.world_size,
+                        batch_size=cfg.micro_batch, seed=cfg.seed)
+        val_loader = None
+        if cfg.val_every and loader.has_split("val"):
+            val_loader = Loader(cfg.data, split="val", rank=denv.rank, world_size=denv.world_size,
+                                batch_size=cfg.micro_batch, seed=cfg.seed, infinite=False)
+        tasks = loader.task_names
+
+        # -- model and engine -----------------------------------------------------------
+        if (cfg.model.height, cfg.model.width) != tuple(loader.frame_size):
+            raise ValueError(f"model.height/width {cfg.model.height}x{cfg.model.width} do not match "
+                             f"the data's frames {loader.frame_size[0]}x{loader.frame_size[1]}")
+        model = build_model(cfg.model)
+        mcfg = cfg.model.resolved()
+        flops_frame = train_flops_per_frame(mcfg, cfg.data.clip_frames)
+        tokens_per_frame = (mcfg.height // mcfg.patch_size) * (mcfg.width // mcfg.patch_size)
+        engine, sched = dist.build_engine(model, cfg.engine, cfg.optim, cfg.micro_batch,
+                                          cfg.steps, denv.world_size)
+        amp = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+
+        # -- resume ----------------------------------------------------------------------
+        state = {"step": 0, "samples": 0, "frames": 0, "skipped_steps": 0}
+        last = checkpoint.latest(run_dir)
+        if last is not None:
+            saved = checkpoint.load(engine, last)
+            _check_resumable(saved, loader, denv.world_size)
+            state.update({k: saved[k] for k in state})
+            loader.load_state_dict(saved["loader"], saved["world_size"])
+            _set_rng(saved["rng"][denv.rank] if saved["world_size"] == denv.world_size else None)
+            log.info("resumed from %s at step %d", last, state["step"])
+        metrics = None
+        if denv.is_main:
+            metrics = MetricsLogger(run_dir, cfg.metrics, params=to_dict(cfg))
+            stack.callback(metrics.close)
+            metrics.set_tags({"render_hash": loader.render_hash, "world_size": str(denv.world_size)})
+
+        # -- loop ------------------------------------------------------------------------
+        batches = iter(loader)
+        window = _Window()
+        step = state["step"]
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            task_sums = torch.zeros(2, len(tasks), device=device)  # per-task loss sums, counts
+            frames_this_step, bad_micro = 0, 0
+            for _ in range(cfg.engine.grad_accum_steps):
+                batch = next(batches)
+                frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
+                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                    pred = engine(frames_BTHWC)
+                loss, per_task = next_frame_loss(pred, frames_BTHWC, batch["loss_mask"].to(device),
+                                                 batch["pad_mask"].to(device),
+                                                 batch["task_id"].to(device), len(tasks))
+                if faults.active("nan_loss", step + 1):
+                    loss = loss * float("nan")
+                finite = torch.isfinite(loss).float()
+                if dist.all_reduce(1.0 - finite, "max").item():  # any rank: drop this micro-batch
+                    bad_micro += 1
+                    if cfg.engine.grad_accum_steps == 1:
+                        break  # nothing reached the engine: the step is skipped cleanly
+                    loss = pred.float().sum() * 0.0  # keeps DeepSpeed's accumulation in step
+                else:
+                    loss_sum += loss.detach()
+                    _add_task_losses(task_sums, per_task)
+                    frames_this_step += int((~batch["pad_mask"]).sum())
+                engine.backward(loss)
+            if bad_micro:
+                state["skipped_steps"] += 1
+                log.warning("step %d: non-finite loss in %d micro-batch(es), %s (%d/%d)", step + 1,
+                            bad_micro, "step skipped" if cfg.engine.grad_accum_steps == 1
+                            else "they contribute no gradient", state["skipped_steps"],
+                            cfg.max_skipped_steps)
+                if state["skipped_steps"] >= cfg.max_skipped_steps:
+                    raise NonFiniteLossError(
+                        f"{state['skipped_steps']} steps with a non-finite loss (limit "
+                        f"max_skipped_steps={cfg.max_skipped_steps}); the last good checkpoint "
+                        f"is {checkpoint.latest(run_dir)}")
+                if cfg.engine.grad_accum_steps == 1:
+                    continue
+            engine.step()
+            step += 1
+            n_frames = dist.all_reduce(torch.tensor(float(frames_this_step)), "sum").item()
+            state["step"] = step
+            state["samples"] += cfg.micro_batch * cfg.engine.grad_accum_steps * denv.world_size
+            state["frames"] += int(n_frames)
+            window.add(time.perf_counter() - t0, n_frames, loss_sum / cfg.engine.grad_accum_steps,
+                       task_sums)
+
+            # -- periodic actions: log, validate, checkpoint, preemption -------------------
+            if every(step, cfg.log_every) or step == cfg.steps:
+                record = window.flush(tasks, engine, sched, flops_frame, cfg.peak_flops,
+                                      denv.world_size, loader, state, tokens_per_frame)
+                if metrics:
+                    metrics.log(record, step)
+                    log.info(_line(step, cfg.steps, record))
+            if val_loader is not None and (every(step, cfg.val_every) or step == cfg.steps):
+                record = validate(engine, val_loader, cfg, tasks, device, amp)
+                if metrics:
+                    metrics.log(record, step)
+                    log.info("step %d validation: %s", step, _fmt(record))
+            stop = bool(dist.all_reduce(torch.tensor(float(preempt.requested)), "max").item())
+            if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
+                _save(engine, run_dir, step, state, loader, denv, metrics, loader.render_hash,
+                      config_yaml, cfg)
+            if stop:
+                if preempt.received == "SIGUSR2" and denv.is_main:
+                    requeue_slurm_job()
+                log.warning("stopping at step %d after %s; rerun to resume", step, preempt.received)
+                return {"step": step, "preempted": True}
+        return {"step": step, "preempted": False, "last_loss": window.last_loss}
+
+
+def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], device, amp) -> dict:
+    """Mean next-frame loss per task over ``cfg.val_batches`` batches of the validation split."""
+    engine.eval()
+    sums = torch.zeros(2, len(tasks), device=device)
+    val_loader.reset()
+    with torch.no_grad():
+        for i, batch in enumerate(val_loader):
+            if i >= cfg.val_batches:
+                break
+            frames = batch["frames"].to(device).float().div_(255)
+            with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+                pred = engine(frames)
+            _, per_task = next_frame_loss(pred, frames, batch["loss_mask"].to(device),
+                                          batch["pad_mask"].to(device), batch["task_id"].to(device),
+                                          len(tasks))
+            _add_task_losses(sums, per_task)
+    engine.train()
+    sums = dist.all_reduce(sums, "sum")
+    out = {f"val/loss/{t}": (sums[0, i] / sums[1, i]).item() for i, t in enumerate(tasks) if sums[1, i] > 0}
+    if sums[1].sum() > 0:
+        out["val/loss"] = (sums[0].sum() / sums[1].sum()).item()
+    return out
+
+
+def _add_task_losses(sums_2K: torch.Tensor, per_task: dict[int, torch.Tensor]) -> None:
+    """Accumulate per-task mean losses (row 0) and how many batches had the task (row 1)."""
+    for tid, value in per_task.items():
+        sums_2K[0, tid] += value.float()
+        sums_2K[1, tid] += 1
+
+
+def every(step: int, n: int) -> bool:
+    """True on every n-th step (never when n <= 0)."""
+    return n > 0 and step % n == 0
+
+
+class _Window:
+    """Accumulates timing and losses between two log lines."""
+
+    def __init__(self):
+        self.reset()
+        self.last_loss = float("nan")
+
+    def reset(self):
+        self.time = self.frames = 0.0
+        self.steps = 0
+        self.loss = 0.0
+        self.task_sums = None
+
+    def add(self, seconds, frames, loss, task_sums):
+        self.time += seconds
+        self.frames += frames
+        self.steps += 1
+        self.loss += float(loss)
+        self.task_sums = task_sums.clone() if self.task_sums is None else self.task_sums + task_sums
+
+    def flush(self, tasks, engine, sched, flops_frame, peak_flops, world, loader, state,
+              tokens_per_frame) -> dict:
+        task_sums = dist.all_reduce(self.task_sums.clone(), "sum")
+        loss = self.loss / max(1, self.steps)
+        self.last_loss = loss
+        fps = self.frames / max(self.time, 1e-9)
+        data = loader.stats(reduce=dist.all_reduce)
+        rec = {
+            "train/loss": loss,
+            "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
+            "train/grad_norm": _to_float(engine.get_global_grad_norm()),
+            "train/skipped_steps": state["skipped_steps"],
+            "train/samples": state["samples"],
+            "train/frames": state["frames"],
+            "speed/frames_per_s": fps,
+            "speed/tokens_per_s": fps * tokens_per_frame,
+            "speed/step_s": self.time / max(1, self.steps),
+            "data/wait_frac": data["data/wait_s"] / max(self.time, 1e-9),
+            "mem/peak_gb": _peak_memory_gb(),
+        }
+        rec.update({f"train/loss/{t}": (task_sums[0, i] / task_sums[1, i]).item()
+                    for i, t in enumerate(tasks) if task_sums[1, i] > 0})
+        if peak_flops > 0:
+            rec["speed/mfu"] = fps * flops_frame / (peak_flops * world)
+        rec.update(data)
+        self.reset()
+        return rec
+
+
+def _save(engine, run_dir, step, state, loader, denv, metrics, render_hash, config_yaml, cfg):
+    loader_states = dist.all_gather_objects(loader.state_dict())
+    rngs = dist.all_gather_objects(_get_rng())
+    full = {**state, "world_size": denv.world_size, "loader": loader_states, "rng": rngs,
+            "render_hash": render_hash, "mlflow_run_id": metrics.run_id if metrics else None}
+    full["mlflow_run_id"] = dist.broadcast_object(full["mlflow_run_id"])
+    path = checkpoint.save(engine, run_dir, step, full, config_yaml, denv.is_main,
+                           cfg.keep_last, cfg.keep_every)
+    log.info("checkpoint %s", path)
+
+
+def _check_resumable(saved: dict, loader: Loader, world: int) -> None:
+    if saved["render_hash"] != loader.render_hash:
+        raise ValueError(f"checkpoint was trained on frames with render hash {saved['render_hash']}, "
+                         f"the data now has {loader.render_hash}")
+
+
+def _get_rng() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng(rng: dict | None) -> None:
+    if rng is None:  # world size changed: fresh per-rank streams (the data order stays exact)
+        return
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _to_float(x) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def _fmt(rec: dict) -> str:
+    return " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in rec.items())
+
+
+def _line(step: int, total: int, r: dict) -> str:
+    mfu = f" | mfu {r['speed/mfu']:.1%}" if "speed/mfu" in r else ""
+    return (f"step {step}/{total} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
+            f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s{mfu} | "
+            f"wait {r['data/wait_frac']:.0%} | skipped {int(r.get('data/skipped', 0))} | "
+            f"mem {r['mem/peak_gb']:.2f} GB")
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# -- command line ----------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="a training config YAML (e.g. configs/debug.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=200 model.depth=4")
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainConfig, args.config, list(args.overrides))
+    result = train(cfg)
+    return 0 if math.isfinite(result.get("step", 0)) else 1
