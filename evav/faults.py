@@ -2,7 +2,8 @@
 
     EVAV_FAULT=kill_in_save:20      SIGKILL this process inside the save of step 20's checkpoint,
                                     after the engine shards are written, before the commit marker
-    EVAV_FAULT=nan_loss:5,6,7       make the training loss non-finite at these steps
+    EVAV_FAULT=nan_loss:5,6,7       make the training loss non-finite at these step attempts (1-based,
+                                    counted from the start of this process, skipped ones included)
 
 Several faults are separated by ``;``. The hooks cost one dict lookup when unset.
 """

@@ -121,8 +121,9 @@ def train(cfg: TrainConfig) -> dict:
         # -- loop ------------------------------------------------------------------------
         batches = iter(loader)
         window = _Window()
-        step = state["step"]
+        step, attempt = state["step"], 0
         while step < cfg.steps:
+            attempt += 1  # counts skipped steps too (fault injection is keyed on it)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             task_sums = torch.zeros(2, len(tasks), device=device)  # per-task loss sums, counts
@@ -135,7 +136,7 @@ def train(cfg: TrainConfig) -> dict:
                 loss, per_task = next_frame_loss(pred, frames_BTHWC, batch["loss_mask"].to(device),
                                                  batch["pad_mask"].to(device),
                                                  batch["task_id"].to(device), len(tasks))
-                if faults.active("nan_loss", step + 1):
+                if faults.active("nan_loss", attempt):
                     loss = loss * float("nan")
                 finite = torch.isfinite(loss).float()
                 if dist.all_reduce(1.0 - finite, "max").item():  # any rank: drop this micro-batch

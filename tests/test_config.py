@@ -98,3 +98,8 @@ def test_dataclass_validation_errors_surface_as_config_errors():
     with pytest.raises(ConfigError, match="f_min < f_max"):
         load_config(RenderSpec, None, ["audio.f_max=99999"])
     assert load_config(RenderSpec, None, ["audio.n_mels=32"]).audio == AudioSpec(n_mels=32)
+
+
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads `3e-4` as a string; a float field still takes it as a number."""
+    assert load_config(Outer, None, ["inner.rate=3e-4"]).inner.rate == 3e-4
