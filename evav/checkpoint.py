@@ -98,7 +98,7 @@ def _prune(run_dir: Path, keep_last: int, keep_every: int) -> None:
     keep = {p for _, p in done[-max(1, keep_last):]}
     keep |= {p for s, p in done if keep_every and s % keep_every == 0}
     newest = done[-1][0] if done else -1
-    for s, p in done:
+    for _, p in done:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / "checkpoints"

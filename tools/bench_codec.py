@@ -1,6 +1,6 @@
 """Codec comparison for shard clips: bytes, encode/decode speed, PSNR, text read-back.
 
-    .venv/bin/python tools/bench_codec.py               # prints the table, writes docs/bench_codec.md
+    .venv/bin/python tools/bench_codec.py               # prints the table, updates its section of docs/benchmarks.md
     .venv/bin/python tools/bench_codec.py --no-write --clips 4
 
 Clips (64x64, from ../shared/datasets or $EVAV_DATASETS): text (SST-2 dev sentences, one token
@@ -44,7 +44,7 @@ from evav.frames import (  # noqa: E402
 )
 from tools.benchlib import machine, write_section  # noqa: E402
 
-OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "bench_codec.md"
+OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def datasets_root() -> Path:

@@ -1,6 +1,6 @@
 """KV-cached generation vs full recomputation: time per generated frame and speedup.
 
-    .venv/bin/python tools/bench_generate.py                 # prints the table, writes docs/bench_generate.md
+    .venv/bin/python tools/bench_generate.py                 # prints the table, updates its section of docs/benchmarks.md
     .venv/bin/python tools/bench_generate.py --presets debug,S --frames 16,32 --no-write
 
 For each preset (randomly initialised: speed does not depend on the weights) and each number
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evav.model.build import build_model  # noqa: E402
 from evav.model.config import ModelConfig  # noqa: E402
 from evav.model.generate import generate, generate_recompute  # noqa: E402
-from tools.benchlib import machine  # noqa: E402
+from tools.benchlib import machine, write_section  # noqa: E402
 
-OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "bench_generate.md"
+OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -84,7 +84,7 @@ def main() -> None:
     print()
     print(md)
     if not args.no_write:
-        OUT_MD.write_text(md)
+        write_section("generate", md, OUT_MD)
 
 
 if __name__ == "__main__":

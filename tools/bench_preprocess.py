@@ -1,6 +1,6 @@
 """Preprocessing throughput: samples/s with 1 and 2 workers per modality, the speed-up, bytes/sample.
 
-    .venv/bin/python tools/bench_preprocess.py            # prints the table, writes docs/bench_preprocess.md
+    .venv/bin/python tools/bench_preprocess.py            # prints the table, updates its section of docs/benchmarks.md
     .venv/bin/python tools/bench_preprocess.py --no-write --scale 0.25 --repeats 1
 
 Each row is a whole `evav preprocess` build (preprocessing.runner.build, in-process, as the CLI
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from preprocessing.runner import BuildConfig, build  # noqa: E402
 from tools.benchlib import machine, write_section  # noqa: E402
 
-OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "bench_preprocess.md"
+OUT_MD = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
 def datasets_root() -> Path:
