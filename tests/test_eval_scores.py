@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from evav.eval.scores import (
-    box_iou, classification, colorfulness, colour_distribution_consistency, multilabel_f1,
-    per_frame_quality, psnr, ssim,
+    box_iou,
+    classification,
+    colorfulness,
+    colour_distribution_consistency,
+    multilabel_f1,
+    per_frame_quality,
+    psnr,
+    ssim,
 )
 
 

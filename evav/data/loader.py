@@ -1,0 +1,269 @@
+"""The streaming loader: shards -> batches, mixed by weight, in an exact, resumable order.
+
+Stages (each a function or small class you can test alone):
+
+    list shards      manifests of every dataset dir -> per-split shard lists and sizes  (manifest)
+    order            (seed, dataset, epoch) -> shard order and window shuffle           (order.py)
+    mix              (seed, slot) -> which dataset fills each global slot               (order.py)
+    split            global batch of world*B slots -> this rank's B slots;
+                     rank batches -> DataLoader workers round-robin                     (here)
+    read             (shard, member) -> bytes, by seeking via a header index            (shards.py)
+    decode + check   decord (PyAV fallback), frame count vs metadata, crop/pad, masks   (clips.py)
+    batch            tensors: frames (B,T,H,W,3) uint8, loss_mask, pad_mask, task_id     (here)
+
+State is tiny: the next global slot and, per dataset, how many samples it has supplied. It is
+the same on every rank, so a run resumes exactly with any number of workers, and with another
+number of ranks it continues each dataset's sequence with no sample lost or repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from evav.data.clips import BadSample, make_sample
+from evav.data.order import DatasetOrder, mix_choices
+from evav.data.shards import ShardReader
+from evav.manifest import Manifest, load_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # shard directories (each has manifest.json)
+    weights: list[float] = field(default_factory=list)  # one per directory; empty: equal
+    mix_by: Literal["samples", "frames"] = "samples"  # weights count samples, or frames
+    clip_frames: int = 16  # every clip is cropped/padded to this many frames
+    num_workers: int = 0  # DataLoader worker processes per rank
+    window: int = 4  # shards whose samples are shuffled together
+    decoder: Literal["decord", "pyav"] = "decord"
+    val_split: str = "val"  # split used for periodic validation (if the datasets have it)
+    allow_pipe: bool = False  # shard paths that run shell commands ("pipe:") are refused
+
+
+class Loader:
+    """Batches for one rank of one split; ``state_dict``/``load_state_dict`` resume exactly."""
+
+    def __init__(self, cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1,
+                 batch_size: int = 8, seed: int = 0, infinite: bool = True):
+        if not cfg.train:
+            raise ValueError("data.train is empty: give one or more shard directories")
+        if cfg.weights and len(cfg.weights) != len(cfg.train):
+            raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(cfg.train)} directories")
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.batch_size, self.seed, self.infinite = batch_size, seed, infinite
+        self.split = cfg.val_split if split == "val" else split
+        self.manifests = [load_manifest(d) for d in cfg.train]
+        self.names = _dataset_names(cfg.train)
+        _check_compatible(self.manifests, cfg.train)
+        self.render_hash = self.manifests[0].render_hash
+        self.frame_size = self.manifests[0].frame_size
+        self.task_names = sorted({t for m in self.manifests for s in m.splits.values() for t in s.tasks})
+        self.task_ids = {t: i for i, t in enumerate(self.task_names)}
+        self._stats = {"skipped": 0, "wait_s": 0.0, "served": np.zeros(len(self.names), np.int64)}
+        self._state = {"slot": 0, "counts": [0] * len(self.names)}
+        self._datasets = None
+        if self.has_split(self.split):
+            self._setup()
+
+    # -- setup --------------------------------------------------------------------------
+    def has_split(self, split: str) -> bool:
+        split = self.cfg.val_split if split == "val" else split
+        return all(split in m.splits for m in self.manifests)
+
+    def _setup(self) -> None:
+        self._datasets = []
+        for name, m, d in zip(self.names, self.manifests, self.cfg.train):
+            s = m.splits[self.split]
+            paths = [str(Path(d) / sh.path) for sh in s.shards]
+            for p in paths:
+                if p.startswith("pipe:") and not self.cfg.allow_pipe:
+                    raise ValueError(f"{d}: shard {p!r} runs a shell command; set data.allow_pipe=true to allow")
+                if not Path(p).is_file():
+                    raise FileNotFoundError(f"{d}: shard {p} listed in the manifest is missing")
+            order = DatasetOrder(name, [sh.samples for sh in s.shards], self.seed, self.cfg.window,
+                                 shuffle=self.infinite)
+            self._datasets.append((name, paths, order, s.frames / max(1, s.samples)))
+        w = np.asarray(self.cfg.weights or [1.0] * len(self.names), dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"data.weights must be non-negative and not all zero, got {self.cfg.weights}")
+        if self.cfg.mix_by == "frames":  # a weight is a share of frames: fewer long clips
+            w = w / np.array([mean for *_, mean in self._datasets])
+        self.probs = w / w.sum()
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"slot": int(self._state["slot"]), "counts": [int(c) for c in self._state["counts"]],
+                "datasets": list(self.names), "seed": self.seed}
+
+    def load_state_dict(self, state: dict | list[dict], saved_world_size: int | None = None) -> None:
+        """Restore a state (or the list of every rank's states, which are identical)."""
+        states = state if isinstance(state, list) else [state]
+        first = states[0]
+        if any(s["slot"] != first["slot"] or s["counts"] != first["counts"] for s in states):
+            raise ValueError("loader states differ across ranks; the checkpoint is inconsistent")
+        if first["datasets"] != list(self.names):
+            raise ValueError(f"checkpoint's datasets {first['datasets']} differ from data.train {self.names}; "
+                             "resuming would not continue the same sample order")
+        if first["seed"] != self.seed:
+            raise ValueError(f"checkpoint's data seed {first['seed']} differs from seed {self.seed}")
+        self._state = {"slot": first["slot"], "counts": list(first["counts"])}
+
+    def reset(self) -> None:
+        self._state = {"slot": 0, "counts": [0] * len(self.names)}
+
+    def stats(self, reduce=None) -> dict[str, float]:
+        """``data/skipped``, ``data/wait_s`` (time waited since the last call) and the realised
+        mix ``data/mix/NAME``, summed over ranks by ``reduce``."""
+        t = torch.tensor([float(self._stats["skipped"]), self._stats["wait_s"],
+                          *self._stats["served"].astype(float)])
+        self._stats["wait_s"] = 0.0
+        if reduce is not None:
+            t = reduce(t, "sum")
+        served = t[2:]
+        out = {"data/skipped": float(t[0]), "data/wait_s": float(t[1]) / max(1, self.world)}
+        if served.sum() > 0:
+            out.update({f"data/mix/{n}": float(served[i] / served.sum()) for i, n in enumerate(self.names)})
+        return out
+
+    # -- iteration ----------------------------------------------------------------------------
+    def __iter__(self):
+        if self._datasets is None:
+            raise ValueError(f"split {self.split!r} is missing from some of {self.cfg.train}")
+        stream = _Stream(self, dict(self._state))
+        if self.cfg.num_workers > 0:
+            it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+                                                  persistent_workers=False, prefetch_factor=2))
+        else:
+            it = iter(stream)
+        while True:
+            t0 = time.perf_counter()  # stall accounting: how long the consumer waits
+            try:
+                batch, meta = next(it)
+            except StopIteration:
+                return
+            self._stats["wait_s"] += time.perf_counter() - t0
+            self._state = {"slot": meta["slot"], "counts": meta["counts"]}
+            self._stats["skipped"] += meta["skipped"]
+            self._stats["served"] += np.asarray(meta["served"])
+            for msg in meta["errors"]:
+                _log_bad(msg)
+            if batch is not None:
+                yield batch
+
+
+_bad_logged = 0
+
+
+def _log_bad(msg: str) -> None:
+    """Rate-limited: the first 20, then every 100th (no sleeping, unlike warn_and_continue)."""
+    global _bad_logged
+    _bad_logged += 1
+    if _bad_logged <= 20 or _bad_logged % 100 == 0:
+        log.warning("skipped bad sample #%d: %s", _bad_logged, msg)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """Yields ``(batch, meta)`` for one rank from a start state; worker w takes batches n = w mod W."""
+
+    def __init__(self, loader: Loader, start: dict):
+        self.l, self.start = loader, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        l = self.l
+        reader = ShardReader()
+        slot, counts = self.start["slot"], list(self.start["counts"])
+        b, world = l.batch_size, l.world
+        total = sum(o.epoch_len for _, _, o, _ in l._datasets) if not l.infinite else None
+        n = 0
+        while True:
+            g = b * world
+            if total is not None and slot >= total:
+                return
+            if l.infinite:
+                choices = mix_choices(l.seed, slot, g, l.probs)
+            else:
+                choices = _sequential_choices(l._datasets, slot, g)
+            # dataset-local index of every slot of this global batch
+            local = np.empty(g, dtype=np.int64)
+            running = list(counts)
+            for j, d in enumerate(choices):
+                local[j] = running[d] if d >= 0 else -1
+                if d >= 0:
+                    running[d] += 1
+            mine = range(l.rank * b, (l.rank + 1) * b)
+            meta = {"slot": slot + g, "counts": running, "skipped": 0, "errors": [],
+                    "served": np.zeros(len(l.names), np.int64)}
+            if n % nw == wid:
+                samples = []
+                for j in mine:
+                    d = int(choices[j])
+                    if d < 0:
+                        continue
+                    s = self._fetch(reader, d, int(local[j]), meta)
+                    if s is not None:
+                        samples.append(s)
+                        meta["served"][d] += 1
+                yield (_collate(samples, l.task_ids) if samples else None), meta
+            slot, counts, n = slot + g, running, n + 1
+
+    def _fetch(self, reader: ShardReader, d: int, index: int, meta: dict):
+        name, paths, order, _ = self.l._datasets[d]
+        epoch, shard, member = order.locate(index)
+        path = paths[shard]
+        try:
+            got = reader.read(path, member)
+            if got is None:
+                idx = reader.index(path)
+                why = idx.error or f"shard has {len(idx.keys)} samples, manifest says {order.sizes[shard]}"
+                raise BadSample(f"sample {member} missing ({why})")
+            key, members = got
+            return make_sample(members, key, self.l.cfg.clip_frames, self.l.frame_size, self.l.seed,
+                               self.l.cfg.decoder)
+        except BadSample as e:
+            meta["skipped"] += 1
+            meta["errors"].append(f"{path} member {member}: {e}")
+            return None
+
+
+def _sequential_choices(datasets, slot: int, g: int) -> np.ndarray:
+    """Evaluation order: every dataset once, in order; -1 past the end."""
+    bounds = np.cumsum([0] + [o.epoch_len for _, _, o, _ in datasets])
+    pos = np.arange(slot, slot + g)
+    d = np.searchsorted(bounds, pos, side="right") - 1
+    d[pos >= bounds[-1]] = -1
+    return d
+
+
+def _collate(samples, task_ids: dict[str, int]) -> dict:
+    return {
+        "frames": torch.from_numpy(np.stack([s.frames for s in samples])),
+        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples])),
+        "pad_mask": torch.from_numpy(np.stack([s.pad_mask for s in samples])),
+        "task_id": torch.tensor([task_ids.get(s.task, 0) for s in samples], dtype=torch.long),
+        "task": [s.task for s in samples],
+        "key": [s.key for s in samples],
+        "answer": [s.answer for s in samples],
+    }
+
+
+def _dataset_names(dirs: list[str]) -> list[str]:
+    names = [Path(d).name or str(d) for d in dirs]
+    return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+
+def _check_compatible(manifests: list[Manifest], dirs: list[str]) -> None:
+    first = manifests[0]
+    for m, d in zip(manifests[1:], dirs[1:]):
+        if m.render_hash != first.render_hash:
+            raise ValueError(f"{d}: rendered with hash {m.render_hash}, but {dirs[0]} with "
+                             f"{first.render_hash}; mixed datasets must share one RenderSpec")
