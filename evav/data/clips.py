@@ -1,20 +1,31 @@
 """One shard sample -> model-ready arrays: decode the clip, check it, crop/pad it, build the masks.
 
-Checks that catch silent corruption: the decoded frame count must equal the metadata's (a
-truncated mp4 can decode a few frames without error), and the frame size must match the
-dataset's RenderSpec. Any failure raises ``BadSample`` with the reason; the loader skips the
-sample, counts it and logs it with its shard and key.
+Checks that catch silent corruption: the decoder's own error log (FFV1 slice CRCs, H.264
+bitstream errors: FFmpeg conceals these and returns frames anyway), the decoded frame count
+against the metadata's (a truncated mp4 can decode a few frames without error), and the frame
+size against the dataset's RenderSpec. Any failure raises ``BadSample`` with the reason; the
+loader skips the sample, counts it and logs it with its shard and key.
+
+Decoders (``DataConfig.decoder``), both through ``evav.codec.decode_clip``:
+
+- ``pyav`` (default): PyAV with FFmpeg's error log captured, so a corrupt clip is detected.
+- ``decord``: faster on FFV1, PyAV as fallback when it raises. For trusted shards only: decord
+  conceals CRC errors and, on some corrupt mp4 headers, crashes the process (segfault), which no
+  ``try`` can catch (measured, see docs/bench_loader.md).
 """
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
+import av.logging
 import numpy as np
 
+from evav.codec import decode_clip
 from evav.data.order import rng
+
+DECODERS = ("pyav", "decord")
 
 
 class BadSample(ValueError):
@@ -31,29 +42,26 @@ class Sample:
     answer: str
 
 
-def decode_clip(data: bytes, backend: str = "decord") -> np.ndarray:
-    """mp4 bytes -> ``(T, H, W, 3)`` uint8, with decord (fast) or PyAV (fallback)."""
+def decode(data: bytes, backend: str = "pyav") -> np.ndarray:
+    """mp4 bytes -> ``(T, H, W, 3)`` uint8; ``BadSample`` if it does not decode cleanly."""
     if backend == "decord":
         try:
-            import decord
-
-            vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-            return vr.get_batch(list(range(len(vr)))).asnumpy()
-        except Exception as e:  # noqa: BLE001 - decord raises its own error types
-            try:
-                return decode_clip(data, "pyav")
-            except BadSample:
-                raise BadSample(f"undecodable clip ({type(e).__name__}: {str(e)[:120]})") from None
-    import av
-
+            return decode_clip(data, "decord")
+        except ValueError as e:
+            raise BadSample(str(e)) from None
+    old = av.logging.get_level()
+    av.logging.set_level(av.logging.ERROR)  # PyAV keeps FFmpeg's log off unless asked
     try:
-        with av.open(io.BytesIO(data)) as c:
-            frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-    except (av.error.FFmpegError, ValueError, IndexError) as e:
-        raise BadSample(f"undecodable clip ({e})") from None
-    if not frames:
-        raise BadSample("clip has no frames")
-    return np.stack(frames)
+        with av.logging.Capture() as logs:
+            frames = decode_clip(data, "pyav")
+    except ValueError as e:
+        raise BadSample(str(e)) from None
+    finally:
+        av.logging.set_level(old)
+    errors = [msg.strip() for level, _, msg in logs if level <= av.logging.ERROR]
+    if errors:
+        raise BadSample(f"decoder errors ({errors[0][:80]}; {len(errors)} in all)")
+    return frames
 
 
 def expected_frames(meta: dict) -> int:
@@ -66,14 +74,20 @@ def loss_mask_for(meta: dict, num_frames: int) -> np.ndarray:
     mask = np.zeros(num_frames, dtype=bool)
     seg = meta.get("segments") or {}
     if meta.get("supervise", "outputs") == "all" or not seg.get("output"):
-        mask[seg.get("task", 1):] = True
+        mask[seg.get("task", 1) :] = True
     else:
-        mask[num_frames - seg["output"]:] = True
+        mask[num_frames - seg["output"] :] = True
     return mask
 
 
-def make_sample(members: dict[str, bytes], key: str, clip_frames: int, frame_hw: tuple[int, int],
-                seed: int, backend: str = "decord") -> Sample:
+def make_sample(
+    members: dict[str, bytes],
+    key: str,
+    clip_frames: int,
+    frame_hw: tuple[int, int],
+    seed: int,
+    backend: str = "pyav",
+) -> Sample:
     """Decode and check one sample; crop or pad it to ``clip_frames``."""
     if "mp4" not in members or "json" not in members:
         raise BadSample(f"missing member(s): has {sorted(members)}, needs mp4 and json")
@@ -81,7 +95,7 @@ def make_sample(members: dict[str, bytes], key: str, clip_frames: int, frame_hw:
         meta = json.loads(members["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadSample(f"metadata is not JSON ({e})") from None
-    frames = decode_clip(members["mp4"], backend)
+    frames = decode(members["mp4"], backend)
     want = expected_frames(meta)
     if want and len(frames) != want:
         raise BadSample(f"decoded {len(frames)} frames, metadata says {want} (truncated clip?)")
@@ -90,11 +104,11 @@ def make_sample(members: dict[str, bytes], key: str, clip_frames: int, frame_hw:
     mask = loss_mask_for(meta, len(frames))
     t = len(frames)
     if t > clip_frames:
-        # Keep the answer when there is one (the clip's end); otherwise a window chosen from
-        # (seed, key), so the choice is exact on resume and independent of workers.
-        has_answer = mask.any() and not mask[: t - clip_frames].any()
-        start = t - clip_frames if has_answer or meta.get("supervise") != "all" else int(
-            rng(seed, "crop", key).integers(0, t - clip_frames + 1))
+        # A supervised answer sits at the clip's end: keep it. Pretraining clips ("all") get a
+        # window chosen from (seed, key), so the choice is exact on resume and worker-free.
+        start = t - clip_frames
+        if meta.get("supervise") == "all":
+            start = int(rng(seed, "crop", key).integers(0, t - clip_frames + 1))
         frames, mask = frames[start : start + clip_frames], mask[start : start + clip_frames]
         t = clip_frames
     pad = np.zeros(clip_frames, dtype=bool)

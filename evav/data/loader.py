@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from evav.data.clips import BadSample, make_sample
+from evav.data.clips import DECODERS, BadSample, make_sample
 from evav.data.order import DatasetOrder, mix_choices
 from evav.data.shards import ShardReader
 from evav.manifest import Manifest, load_manifest
@@ -43,20 +43,41 @@ class DataConfig:
     clip_frames: int = 16  # every clip is cropped/padded to this many frames
     num_workers: int = 0  # DataLoader worker processes per rank
     window: int = 4  # shards whose samples are shuffled together
-    decoder: Literal["decord", "pyav"] = "decord"
+    decoder: Literal["pyav", "decord"] = "pyav"  # decord: faster, trusted shards only (clips.py)
+    pin_workers: bool = False  # pin DataLoader worker w to CPU core w (mod the cores allowed)
     val_split: str = "val"  # split used for periodic validation (if the datasets have it)
-    allow_pipe: bool = False  # shard paths that run shell commands ("pipe:") are refused
 
 
 class Loader:
     """Batches for one rank of one split; ``state_dict``/``load_state_dict`` resume exactly."""
 
-    def __init__(self, cfg: DataConfig, split: str = "train", rank: int = 0, world_size: int = 1,
-                 batch_size: int = 8, seed: int = 0, infinite: bool = True):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+        infinite: bool = True,
+    ):
         if not cfg.train:
             raise ValueError("data.train is empty: give one or more shard directories")
         if cfg.weights and len(cfg.weights) != len(cfg.train):
-            raise ValueError(f"data.weights has {len(cfg.weights)} entries for {len(cfg.train)} directories")
+            raise ValueError(
+                f"data.weights has {len(cfg.weights)} entries for {len(cfg.train)} directories"
+            )
+        if cfg.decoder not in DECODERS:
+            raise ValueError(f"data.decoder must be one of {DECODERS}, got {cfg.decoder!r}")
+        if cfg.mix_by not in ("samples", "frames"):
+            raise ValueError(f"data.mix_by must be 'samples' or 'frames', got {cfg.mix_by!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        for d in cfg.train:  # shell-command URLs: the reader seeks into files, it never runs pipes
+            if str(d).startswith("pipe:"):
+                raise ValueError(
+                    f"data.train entry {d!r} is a shell command (pipe:); give a directory"
+                )
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.batch_size, self.seed, self.infinite = batch_size, seed, infinite
         self.split = cfg.val_split if split == "val" else split
@@ -65,7 +86,9 @@ class Loader:
         _check_compatible(self.manifests, cfg.train)
         self.render_hash = self.manifests[0].render_hash
         self.frame_size = self.manifests[0].frame_size
-        self.task_names = sorted({t for m in self.manifests for s in m.splits.values() for t in s.tasks})
+        self.task_names = sorted(
+            {t for m in self.manifests for s in m.splits.values() for t in s.tasks}
+        )
         self.task_ids = {t: i for i, t in enumerate(self.task_names)}
         self._stats = {"skipped": 0, "wait_s": 0.0, "served": np.zeros(len(self.names), np.int64)}
         self._state = {"slot": 0, "counts": [0] * len(self.names)}
@@ -82,55 +105,94 @@ class Loader:
         self._datasets = []
         for name, m, d in zip(self.names, self.manifests, self.cfg.train):
             s = m.splits[self.split]
+            for sh in s.shards:
+                if (
+                    sh.path.startswith("pipe:")
+                    or Path(sh.path).is_absolute()
+                    or ".." in Path(sh.path).parts
+                ):
+                    raise ValueError(
+                        f"{d}: manifest lists shard {sh.path!r}; shards must be files "
+                        "inside the dataset directory (pipe: commands are refused)"
+                    )
             paths = [str(Path(d) / sh.path) for sh in s.shards]
-            for p in paths:
-                if p.startswith("pipe:") and not self.cfg.allow_pipe:
-                    raise ValueError(f"{d}: shard {p!r} runs a shell command; set data.allow_pipe=true to allow")
-                if not Path(p).is_file():
-                    raise FileNotFoundError(f"{d}: shard {p} listed in the manifest is missing")
-            order = DatasetOrder(name, [sh.samples for sh in s.shards], self.seed, self.cfg.window,
-                                 shuffle=self.infinite)
-            self._datasets.append((name, paths, order, s.frames / max(1, s.samples)))
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{d}: {len(missing)} shard(s) listed in its manifest are missing, "
+                    f"e.g. {missing[0]}"
+                )
+            order = DatasetOrder(
+                name,
+                [sh.samples for sh in s.shards],
+                self.seed,
+                self.cfg.window,
+                shuffle=self.infinite,
+            )
+            # frames a sample contributes after crop/pad (the manifest knows means, not each clip)
+            frames = min(s.frames / max(1, s.samples), self.cfg.clip_frames)
+            self._datasets.append((name, paths, order, frames))
         w = np.asarray(self.cfg.weights or [1.0] * len(self.names), dtype=np.float64)
         if (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"data.weights must be non-negative and not all zero, got {self.cfg.weights}")
+            raise ValueError(
+                f"data.weights must be non-negative and not all zero, got {self.cfg.weights}"
+            )
         if self.cfg.mix_by == "frames":  # a weight is a share of frames: fewer long clips
             w = w / np.array([mean for *_, mean in self._datasets])
         self.probs = w / w.sum()
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"slot": int(self._state["slot"]), "counts": [int(c) for c in self._state["counts"]],
-                "datasets": list(self.names), "seed": self.seed}
+        return {
+            "slot": int(self._state["slot"]),
+            "counts": [int(c) for c in self._state["counts"]],
+            "datasets": list(self.names),
+            "seed": self.seed,
+        }
 
-    def load_state_dict(self, state: dict | list[dict], saved_world_size: int | None = None) -> None:
+    def load_state_dict(
+        self, state: dict | list[dict], saved_world_size: int | None = None
+    ) -> None:
         """Restore a state (or the list of every rank's states, which are identical)."""
         states = state if isinstance(state, list) else [state]
         first = states[0]
         if any(s["slot"] != first["slot"] or s["counts"] != first["counts"] for s in states):
             raise ValueError("loader states differ across ranks; the checkpoint is inconsistent")
         if first["datasets"] != list(self.names):
-            raise ValueError(f"checkpoint's datasets {first['datasets']} differ from data.train {self.names}; "
-                             "resuming would not continue the same sample order")
+            raise ValueError(
+                f"checkpoint's datasets {first['datasets']} differ from data.train {self.names}; "
+                "resuming would not continue the same sample order"
+            )
         if first["seed"] != self.seed:
-            raise ValueError(f"checkpoint's data seed {first['seed']} differs from seed {self.seed}")
+            raise ValueError(
+                f"checkpoint's data seed {first['seed']} differs from seed {self.seed}"
+            )
         self._state = {"slot": first["slot"], "counts": list(first["counts"])}
 
     def reset(self) -> None:
         self._state = {"slot": 0, "counts": [0] * len(self.names)}
 
     def stats(self, reduce=None) -> dict[str, float]:
-        """``data/skipped``, ``data/wait_s`` (time waited since the last call) and the realised
-        mix ``data/mix/NAME``, summed over ranks by ``reduce``."""
-        t = torch.tensor([float(self._stats["skipped"]), self._stats["wait_s"],
-                          *self._stats["served"].astype(float)])
+        """``data/skipped`` (since the start), ``data/wait_s`` (seconds waited for data since the
+        last call, mean over ranks) and the realised mix ``data/mix/NAME`` (share of samples, or
+        of unpadded frames with ``mix_by=frames``, since the start); ``reduce(tensor, "sum")``
+        sums over ranks."""
+        t = torch.tensor(
+            [
+                float(self._stats["skipped"]),
+                self._stats["wait_s"],
+                *self._stats["served"].astype(float),
+            ]
+        )
         self._stats["wait_s"] = 0.0
         if reduce is not None:
             t = reduce(t, "sum")
         served = t[2:]
         out = {"data/skipped": float(t[0]), "data/wait_s": float(t[1]) / max(1, self.world)}
         if served.sum() > 0:
-            out.update({f"data/mix/{n}": float(served[i] / served.sum()) for i, n in enumerate(self.names)})
+            out.update(
+                {f"data/mix/{n}": float(served[i] / served.sum()) for i, n in enumerate(self.names)}
+            )
         return out
 
     # -- iteration ----------------------------------------------------------------------------
@@ -139,8 +201,15 @@ class Loader:
             raise ValueError(f"split {self.split!r} is missing from some of {self.cfg.train}")
         stream = _Stream(self, dict(self._state))
         if self.cfg.num_workers > 0:
-            it = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                                                  persistent_workers=False, prefetch_factor=2))
+            it = iter(
+                torch.utils.data.DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.cfg.num_workers,
+                    prefetch_factor=2,
+                    worker_init_fn=_pin_worker if self.cfg.pin_workers else None,
+                )
+            )
         else:
             it = iter(stream)
         while True:
@@ -174,25 +243,26 @@ class _Stream(torch.utils.data.IterableDataset):
     """Yields ``(batch, meta)`` for one rank from a start state; worker w takes batches n = w mod W."""
 
     def __init__(self, loader: Loader, start: dict):
-        self.l, self.start = loader, start
+        self.loader, self.start = loader, start
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        l = self.l
-        reader = ShardReader()
+        ld = self.loader
+        reader = ShardReader()  # one per worker: its own file handles and indexes
         slot, counts = self.start["slot"], list(self.start["counts"])
-        b, world = l.batch_size, l.world
-        total = sum(o.epoch_len for _, _, o, _ in l._datasets) if not l.infinite else None
+        b, world = ld.batch_size, ld.world
+        total = sum(o.epoch_len for _, _, o, _ in ld._datasets) if not ld.infinite else None
+        by_frames = ld.cfg.mix_by == "frames"
         n = 0
         while True:
             g = b * world
             if total is not None and slot >= total:
                 return
-            if l.infinite:
-                choices = mix_choices(l.seed, slot, g, l.probs)
+            if ld.infinite:
+                choices = mix_choices(ld.seed, slot, g, ld.probs)
             else:
-                choices = _sequential_choices(l._datasets, slot, g)
+                choices = _sequential_choices(ld._datasets, slot, g)
             # dataset-local index of every slot of this global batch
             local = np.empty(g, dtype=np.int64)
             running = list(counts)
@@ -200,9 +270,14 @@ class _Stream(torch.utils.data.IterableDataset):
                 local[j] = running[d] if d >= 0 else -1
                 if d >= 0:
                     running[d] += 1
-            mine = range(l.rank * b, (l.rank + 1) * b)
-            meta = {"slot": slot + g, "counts": running, "skipped": 0, "errors": [],
-                    "served": np.zeros(len(l.names), np.int64)}
+            mine = range(ld.rank * b, (ld.rank + 1) * b)
+            meta = {
+                "slot": slot + g,
+                "counts": running,
+                "skipped": 0,
+                "errors": [],
+                "served": np.zeros(len(ld.names), np.int64),
+            }
             if n % nw == wid:
                 samples = []
                 for j in mine:
@@ -212,27 +287,40 @@ class _Stream(torch.utils.data.IterableDataset):
                     s = self._fetch(reader, d, int(local[j]), meta)
                     if s is not None:
                         samples.append(s)
-                        meta["served"][d] += 1
-                yield (_collate(samples, l.task_ids) if samples else None), meta
+                        meta["served"][d] += int((~s.pad_mask).sum()) if by_frames else 1
+                yield (_collate(samples, ld.task_ids) if samples else None), meta
             slot, counts, n = slot + g, running, n + 1
 
     def _fetch(self, reader: ShardReader, d: int, index: int, meta: dict):
-        name, paths, order, _ = self.l._datasets[d]
-        epoch, shard, member = order.locate(index)
-        path = paths[shard]
+        ld = self.loader
+        _, paths, order, _ = ld._datasets[d]
+        _, shard, member = order.locate(index)
+        path, key = paths[shard], f"member #{member}"
         try:
             got = reader.read(path, member)
             if got is None:
                 idx = reader.index(path)
-                why = idx.error or f"shard has {len(idx.keys)} samples, manifest says {order.sizes[shard]}"
-                raise BadSample(f"sample {member} missing ({why})")
+                why = (
+                    idx.error
+                    or f"shard has {len(idx.keys)} samples, manifest says {order.sizes[shard]}"
+                )
+                raise BadSample(f"sample missing ({why})")
             key, members = got
-            return make_sample(members, key, self.l.cfg.clip_frames, self.l.frame_size, self.l.seed,
-                               self.l.cfg.decoder)
-        except BadSample as e:
+            return make_sample(
+                members, key, ld.cfg.clip_frames, ld.frame_size, ld.seed, ld.cfg.decoder
+            )
+        except BadSample as e:  # counted and logged by the consumer, rate-limited
             meta["skipped"] += 1
-            meta["errors"].append(f"{path} member {member}: {e}")
+            meta["errors"].append(f"{path} key {key}: {e}")
             return None
+
+
+def _pin_worker(worker_id: int) -> None:
+    """Pin a DataLoader worker to one core, so workers do not migrate and share caches."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[worker_id % len(cores)]})
 
 
 def _sequential_choices(datasets, slot: int, g: int) -> np.ndarray:
@@ -265,5 +353,7 @@ def _check_compatible(manifests: list[Manifest], dirs: list[str]) -> None:
     first = manifests[0]
     for m, d in zip(manifests[1:], dirs[1:]):
         if m.render_hash != first.render_hash:
-            raise ValueError(f"{d}: rendered with hash {m.render_hash}, but {dirs[0]} with "
-                             f"{first.render_hash}; mixed datasets must share one RenderSpec")
+            raise ValueError(
+                f"{d}: rendered with hash {m.render_hash}, but {dirs[0]} with "
+                f"{first.render_hash}; mixed datasets must share one RenderSpec"
+            )

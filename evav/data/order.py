@@ -16,7 +16,6 @@ global slot, which dataset supplies it, from ``rng(seed, first slot of the globa
 from __future__ import annotations
 
 import bisect
-import functools
 import hashlib
 
 import numpy as np
@@ -24,36 +23,52 @@ import numpy as np
 
 def rng(*keys: int | str) -> np.random.Generator:
     """A generator seeded by a tuple of ints/strings (strings hashed stably)."""
-    ints = [k if isinstance(k, int) else int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little")
-            for k in keys]
+    ints = [
+        k
+        if isinstance(k, int)
+        else int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "little")
+        for k in keys
+    ]
     return np.random.default_rng(ints)
 
 
 class DatasetOrder:
     """Index -> (epoch, shard position, member) for one dataset split with known shard sizes."""
 
-    def __init__(self, name: str, shard_sizes: list[int], seed: int, window: int = 4,
-                 shuffle: bool = True):
+    def __init__(
+        self, name: str, shard_sizes: list[int], seed: int, window: int = 4, shuffle: bool = True
+    ):
         if not shard_sizes or sum(shard_sizes) == 0:
             raise ValueError(f"dataset {name}: no samples in its shards")
         self.name, self.sizes, self.seed = name, list(shard_sizes), seed
         self.window, self.shuffle = max(1, window), shuffle
         self.epoch_len = sum(shard_sizes)
+        self._epochs: dict = {}  # epoch -> (windows, starts); a few recent ones
+        self._perms: dict = {}  # (epoch, window) -> permutation of its samples
 
-    @functools.lru_cache(maxsize=4)
     def _epoch(self, epoch: int):
         """Shard order, window starts (cumulative sample counts) for one epoch."""
+        if epoch in self._epochs:
+            return self._epochs[epoch]
         n = len(self.sizes)
         order = rng(self.seed, self.name, epoch).permutation(n) if self.shuffle else np.arange(n)
         windows = [order[i : i + self.window] for i in range(0, n, self.window)]
         starts = np.cumsum([0] + [sum(self.sizes[s] for s in w) for w in windows]).tolist()
+        _remember(self._epochs, epoch, (windows, starts), 2)
         return windows, starts
 
-    @functools.lru_cache(maxsize=8)
     def _window_perm(self, epoch: int, w: int) -> np.ndarray:
-        windows, starts = self._epoch(epoch)
-        size = starts[w + 1] - starts[w]
-        return rng(self.seed, self.name, epoch, w).permutation(size) if self.shuffle else np.arange(size)
+        perm = self._perms.get((epoch, w))
+        if perm is None:
+            windows, starts = self._epoch(epoch)
+            size = starts[w + 1] - starts[w]
+            perm = (
+                rng(self.seed, self.name, epoch, w).permutation(size)
+                if self.shuffle
+                else np.arange(size)
+            )
+            _remember(self._perms, (epoch, w), perm, 4)
+        return perm
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """``(epoch, shard, member)`` of the dataset's ``index``-th sample."""
@@ -66,6 +81,13 @@ class DatasetOrder:
                 return epoch, int(shard), within
             within -= self.sizes[shard]
         raise AssertionError("unreachable: window sizes are consistent")
+
+
+def _remember(cache: dict, key, value, size: int) -> None:
+    """A per-instance cache of the ``size`` most recent entries (reads move sequentially)."""
+    cache[key] = value
+    while len(cache) > size:
+        cache.pop(next(iter(cache)))
 
 
 def mix_choices(seed: int, slot: int, count: int, probs: np.ndarray) -> np.ndarray:
