@@ -164,7 +164,7 @@ def train(cfg: TrainConfig) -> dict:
                     continue
             engine.step()
             step += 1
-            n_frames = dist.all_reduce(torch.tensor(float(frames_this_step)), "sum").item()
+            n_frames = dist.all_reduce(torch.tensor(float(frames_this_step), device=device), "sum").item()
             state["step"] = step
             state["samples"] += cfg.micro_batch * cfg.engine.grad_accum_steps * denv.world_size
             state["frames"] += int(n_frames)
@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> dict:
                 if metrics:
                     metrics.log(record, step)
                     log.info("step %d validation: %s", step, _fmt(record))
-            stop = bool(dist.all_reduce(torch.tensor(float(preempt.requested)), "max").item())
+            stop = bool(dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item())
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
                 _save(engine, run_dir, step, state, loader, denv, metrics, loader.render_hash,
                       config_yaml, cfg)
@@ -257,7 +257,7 @@ class _Window:
         loss = self.loss / max(1, self.steps)
         self.last_loss = loss
         fps = self.frames / max(self.time, 1e-9)
-        data = loader.stats(reduce=dist.all_reduce)
+        data = loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(dist.device()), op).cpu())
         rec = {
             "train/loss": loss,
             "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
