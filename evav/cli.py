@@ -3,6 +3,9 @@
     evav render (--text TEXT | FILE) --out OUT.png|.gif|.mp4 [key=value ...]
     evav tokenizer train --input corpus.txt --out tok.model
     evav model-info
+    evav eval CHECKPOINT --data DIR[,DIR...] [--out results.json]
+    evav generate CHECKPOINT --input TEXT_OR_FILE --out clip.gif
+    evav submit CONFIG.yaml [key=value ...] --run-dir RUN [--nodes N]
 
 Subcommand modules are imported only when used, so `evav --help` stays fast.
 """
@@ -46,6 +49,24 @@ COMMANDS = {
         "add_arguments",
         "main",
         "train a model with DeepSpeed (one process, torchrun, or Slurm srun)",
+    ),
+    "eval": (
+        "evav.eval.cli",
+        "add_arguments",
+        "main",
+        "evaluate a checkpoint task by task: generate answers, read them back, score them",
+    ),
+    "generate": (
+        "evav.eval.cli",
+        "add_generate_arguments",
+        "generate_main",
+        "generate the frames that follow an input (text, or an image/audio/video file)",
+    ),
+    "submit": (
+        "evav.launch",
+        "add_arguments",
+        "main",
+        "submit training (and chained evaluation) or a preprocessing array to Slurm",
     ),
     "model-info": (
         "evav.model.cli",

@@ -72,7 +72,16 @@ def launch_env() -> DistEnv:
                        int(env.get("SLURM_LOCALID", 0)),
                        env.get("MASTER_ADDR") or _slurm_first_host(env["SLURM_JOB_NODELIST"]),
                        int(env.get("MASTER_PORT", 29500)), "slurm")
-    return DistEnv()
+    # Not launched: a group of one on a free loopback port (29500 may be taken by another job)
+    return DistEnv(master_port=int(env.get("MASTER_PORT") or _free_port()))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _slurm_first_host(nodelist: str) -> str:
@@ -211,3 +220,29 @@ def load_engine(engine, directory: Path, tag: str) -> None:
 def destroy() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of an engine checkpoint ``directory/tag``, any ZeRO stage.
+
+    Works in a single process without a process group (evaluation, export): ZeRO 1/2/3 shards
+    are merged from the fp32 master copies in the optimizer files; a stage-0 fp32 checkpoint has
+    the whole module in ``mp_rank_00_model_states.pt``.
+    """
+    ckpt = Path(directory) / tag
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"{ckpt}: no engine checkpoint here")
+    if any(ckpt.glob("*optim_states.pt")):
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
+    else:
+        states = ckpt / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            raise FileNotFoundError(f"{ckpt}: neither ZeRO optimizer shards nor {states.name}")
+        sd = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in sd.items()}

@@ -29,7 +29,7 @@ import torch
 
 from evav.data.clips import DECODERS, BadSample, make_sample
 from evav.data.order import DatasetOrder, mix_choices
-from evav.data.shards import ShardReader
+from evav.data.shards import ShardReader, shard_paths
 from evav.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
@@ -105,23 +105,7 @@ class Loader:
         self._datasets = []
         for name, m, d in zip(self.names, self.manifests, self.cfg.train):
             s = m.splits[self.split]
-            for sh in s.shards:
-                if (
-                    sh.path.startswith("pipe:")
-                    or Path(sh.path).is_absolute()
-                    or ".." in Path(sh.path).parts
-                ):
-                    raise ValueError(
-                        f"{d}: manifest lists shard {sh.path!r}; shards must be files "
-                        "inside the dataset directory (pipe: commands are refused)"
-                    )
-            paths = [str(Path(d) / sh.path) for sh in s.shards]
-            missing = [p for p in paths if not Path(p).is_file()]
-            if missing:
-                raise FileNotFoundError(
-                    f"{d}: {len(missing)} shard(s) listed in its manifest are missing, "
-                    f"e.g. {missing[0]}"
-                )
+            paths = shard_paths(d, s)
             order = DatasetOrder(
                 name,
                 [sh.samples for sh in s.shards],

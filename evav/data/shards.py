@@ -98,3 +98,23 @@ class ShardReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def shard_paths(directory: str | Path, split) -> list[str]:
+    """The shard files of a manifest split (``SplitInfo``), checked: inside ``directory``, present.
+
+    ``pipe:`` commands, absolute paths and ``..`` are refused: a manifest names files only.
+    """
+    for sh in split.shards:
+        if sh.path.startswith("pipe:") or Path(sh.path).is_absolute() or ".." in Path(sh.path).parts:
+            raise ValueError(
+                f"{directory}: manifest lists shard {sh.path!r}; shards must be files "
+                "inside the dataset directory (pipe: commands are refused)"
+            )
+    paths = [str(Path(directory) / sh.path) for sh in split.shards]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory}: {len(missing)} shard(s) listed in its manifest are missing, e.g. {missing[0]}"
+        )
+    return paths

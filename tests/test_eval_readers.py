@@ -1,0 +1,123 @@
+"""Task readers on hand-made generated frames with known answers (no model involved).
+
+Frames are rendered with the real TextRenderer / box drawer, then perturbed, so each test knows
+exactly what the read-out must say.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evav.eval.readers import (
+    ClassificationReader,
+    MultiLabelReader,
+    OpenAnswerReader,
+    TrackingReader,
+    VideoPredictionReader,
+    kind_of,
+    make_reader,
+    prompt_length,
+)
+from evav.eval.samples import EvalSample
+from evav.frames import RenderSpec, TextRenderer, draw_box
+
+TEXT = TextRenderer(RenderSpec())
+
+
+def sample(task, answer="", label=None, segments=None, extra=None, key="k"):
+    seg = segments or {"task": 1, "input": 1, "separator": 1, "output": len(TEXT.tokenize(answer))}
+    meta = {"key": key, "task": task, "answer": answer, "label": label, "segments": seg,
+            "num_frames": sum(seg.values()), "extra": extra or {}}
+    return EvalSample("d", "shard.tar", 0, meta)
+
+
+def noisy(frames, seed=0, sigma=40.0):
+    rng = np.random.default_rng(seed)
+    return np.clip(frames.astype(np.float64) + rng.normal(0, sigma, frames.shape), 0, 255).astype(np.uint8)
+
+
+def test_kinds_from_task_and_metadata():
+    assert kind_of("fsdd", [sample("fsdd", "seven")]) == "classification"
+    assert kind_of("next", [sample("next", segments={"task": 1, "input": 4, "separator": 1,
+                                                      "output": 2})]) == "video_prediction"
+    assert kind_of("clevrer", [sample("clevrer", "cube")]) == "open"
+    assert kind_of("tinyvirat", [sample("tinyvirat", "walking")]) == "multilabel"
+    assert kind_of("lasot", [sample("lasot")]) == "tracking"
+    assert kind_of("colorize", [sample("colorize")]) == "colorization"
+
+
+def test_classification_reads_noisy_and_multi_frame_answers():
+    samples = [sample("sst2", a) for a in ("negative", "positive", "very good", "good")]
+    r = ClassificationReader("sst2", samples, TEXT)
+    assert r.labels == ["good", "negative", "positive", "very good"]
+    assert r.gen_length(samples[0]) == 2  # the longest candidate
+    for i, answer in enumerate(r.labels):
+        frames = TEXT.render_text(answer)
+        gen = np.concatenate([frames, np.zeros((2 - len(frames), 64, 64, 3), np.uint8)])
+        assert r.nearest(noisy(gen, seed=i)) == answer
+    # "very good" vs "good": the second frame decides, not just the first
+    gen = np.concatenate([TEXT.render_text("very"), TEXT.render_text("good")])
+    assert r.nearest(gen) == "very good"
+    recs = [r.read(TEXT.render_text(a)[:1].repeat(2, 0), None, s) for a, s in
+            zip(["negative", "negative", "positive", "good"], samples)]
+    m = r.score(recs)
+    assert m["accuracy"] == pytest.approx(0.5)  # negative/positive right; positive, good wrong
+    assert m["confusion"][r.labels.index("positive")][r.labels.index("negative")] == 1
+
+
+def test_open_answers_use_the_vocabulary_word_by_word():
+    samples = [sample("clevrer", a) for a in ("cube", "red", "rubber sphere")]
+    r = OpenAnswerReader("clevrer", samples, TEXT)
+    assert r.vocab == ["cube", "red", "rubber", "sphere"]
+    gen = noisy(np.concatenate([TEXT.render_text("rubber cube")]), seed=3)
+    rec = r.read(gen, None, samples[2])
+    assert rec == {"pred": "rubber cube", "true": "rubber sphere"}
+    assert r.score([rec, r.read(TEXT.render_text("cube red"), None, samples[0])])["accuracy"] == 0.5
+
+
+def test_multilabel_maps_words_back_to_labels():
+    samples = [sample("tinyvirat", "running walking", label=["running", "walking"]),
+               sample("tinyvirat", "talking", label=["talking"])]
+    r = MultiLabelReader("tinyvirat", samples, TEXT)
+    assert r.labels == ["running", "talking", "walking"]
+    rec = r.read(noisy(TEXT.render_text("walking talking"), seed=1), None, samples[0])
+    assert rec["pred"] == ["talking", "walking"] and rec["true"] == ["running", "walking"]
+    m = r.score([rec, r.read(TEXT.render_text("talking talking"), None, samples[1])])
+    # running: tp0 fn1 -> 0; talking: tp1 fp1 -> 2/3; walking: tp1 -> 1
+    assert m["f1_macro"] == pytest.approx((0 + 2 / 3 + 1) / 3)
+    assert m["exact_match"] == 0.5
+
+
+def test_tracking_iou_from_red_boxes():
+    boxes = [[10, 10, 29, 29], [12, 10, 31, 29], [14, 10, 33, 29]]
+    s = sample("lasot", segments={"task": 1, "input": 1, "separator": 1, "output": 2},
+               extra={"boxes": boxes})
+    r = TrackingReader("lasot", [s], TEXT)
+    blank = np.zeros((64, 64, 3), np.uint8)
+    gen = np.stack([draw_box(blank, tuple(boxes[1])), draw_box(blank, (24, 10, 43, 29))])
+    rec = r.read(gen, gen, s)
+    assert rec["iou_per_frame"][0] == pytest.approx(1.0)
+    # (24..43) vs (14..33): overlap 10 of 20 columns -> 200 / (400 + 400 - 200)
+    assert rec["iou_per_frame"][1] == pytest.approx(200 / 600)
+    assert r.score([rec])["mean_iou"] == pytest.approx((1 + 1 / 3) / 2)
+
+
+def test_video_prediction_per_frame_index():
+    s = sample("next", segments={"task": 1, "input": 4, "separator": 1, "output": 2})
+    r = make_reader("next", [s], TEXT)
+    assert isinstance(r, VideoPredictionReader) and r.gen_length(s) == 2
+    truth = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    gen = truth.copy()
+    gen[1] = noisy(truth[1], sigma=20)
+    rec = r.read(gen, truth, s)
+    m = r.score([rec])
+    assert m["psnr_per_frame"][0] == 100.0  # identical frame (inf) counted as 100 dB
+    assert 20 < m["psnr_per_frame"][1] < 30 and m["ssim_per_frame"][0] == pytest.approx(1.0)
+
+
+def test_pretraining_clip_is_split_in_half():
+    s = sample("video", segments={"task": 1, "input": 20})
+    assert prompt_length(s.meta) == 11
+    r = make_reader("video", [s], TEXT, max_video_frames=8)
+    assert r.truth_length(s) == 8
