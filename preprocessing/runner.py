@@ -43,6 +43,7 @@ from evav.codec import CodecSpec, encode_clip
 from evav.config import apply_overrides, from_dict, to_dict
 from evav.errors import BadInputError
 from evav.frames import RenderSpec, build_clip
+from evav.frames.video import set_decode_threads
 from evav.manifest import Manifest, SampleMeta, write_json_atomic
 from preprocessing.builders import Builder, Item, get_builder
 from preprocessing.layout import (
@@ -315,6 +316,7 @@ def _init_worker(job: Job, plan: dict, progress_queue) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     torch.set_num_threads(1)  # one core per worker; also keeps OpenMP out of forked children
+    set_decode_threads(1)  # likewise FFmpeg's video decoder threads
     if "builder" not in _WORKER:  # spawned (not forked): rebuild the builder and its inputs
         builder = job.make_builder()
         _WORKER.update(builder=builder, items=job.items(builder))

@@ -16,6 +16,17 @@ from evav.errors import BadInputError, check_nonempty_file
 from evav.frames.image import fit_image
 from evav.frames.spec import RenderSpec
 
+_DECODE_THREADS = 0  # 0: FFmpeg chooses (frame/slice threads); 1: decode on the calling thread
+
+
+def set_decode_threads(n: int) -> None:
+    """Threads FFmpeg may use per video decode (0: its own choice). Parallel preprocessing sets 1:
+    with one worker per core, decoder threads only compete with the other workers."""
+    global _DECODE_THREADS
+    if n < 0:
+        raise ValueError("decode threads must be >= 0")
+    _DECODE_THREADS = n
+
 
 def uniform_indices(total: int, budget: int) -> list[int]:
     """``budget`` indices spread evenly over ``range(total)`` (all of them if fewer)."""
@@ -34,7 +45,11 @@ def render_video(path: str | Path, spec: RenderSpec, num_frames: int = 16) -> np
             if not container.streams.video:
                 raise BadInputError(path, "no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if _DECODE_THREADS == 1:
+                stream.thread_count = 1
+            else:
+                stream.thread_type = "AUTO"
+                stream.thread_count = _DECODE_THREADS
             declared = stream.frames or 0
             if declared > 0:
                 frames, decoded = _decode_selected(
