@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +47,7 @@ def fsdd_clips() -> tuple[torch.Tensor, torch.Tensor]:
     return frames, torch.from_numpy(np.stack([c.loss_mask for c in clips]))
 
 
-def test_debug_model_overfits_real_fsdd_clips_in_under_a_minute():
-    threads = min(2, torch.get_num_threads())
-    torch.set_num_threads(threads)
+def test_debug_model_overfits_real_fsdd_clips_within_500_steps():
     frames, loss_mask = fsdd_clips()
     assert loss_mask[:, -1].all() and not loss_mask[:, :-1].any()  # the word frame only
     torch.manual_seed(0)
@@ -60,8 +57,7 @@ def test_debug_model_overfits_real_fsdd_clips_in_under_a_minute():
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
-    # CPU time, not wall time: the budget is a minute on `threads` cores even on a busy machine
-    start = time.process_time()
+    # A step budget, not a time budget: speed is measured in tools/ benchmarks, not asserted here
     first = None
     for _ in range(steps):
         loss, _ = next_frame_loss(model(frames), frames, loss_mask)
@@ -73,10 +69,8 @@ def test_debug_model_overfits_real_fsdd_clips_in_under_a_minute():
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-    cpu_s = time.process_time() - start
     assert first > 0.5
     assert loss.item() < 0.05, f"loss {loss.item():.3f} after {steps} steps"
-    assert cpu_s < 60 * threads, f"took {cpu_s:.0f} CPU s on {threads} threads"
     # each clip's predicted answer is nearest to its own digit word, not another clip's
     with torch.no_grad():
         answers = model(frames)[:, -2]
