@@ -1,6 +1,6 @@
 """Benchmark evav.data: bare decode loop vs the full loader with 0, 1 and 2 workers, decord vs PyAV.
 
-    python tools/bench_loader.py [--datasets ../shared/datasets] [--seconds 4] [--out docs/bench_loader.md]
+    python tools/bench_loader.py [--datasets ../shared/datasets] [--seconds 4] [--out docs/benchmarks.md]
 
 Builds small shards (fsdd, sst2, video, synthetic slices, as tests/test_data.py) into a temporary
 folder, then measures decoded frames per second for:
@@ -131,6 +131,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     p.add_argument("--seconds", type=float, default=4.0)
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "bench_loader.md")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     a = p.parse_args()
     print(run(a.datasets, a.seconds, a.out))
