@@ -6,6 +6,8 @@ The jobs run the repo's python (EVAV_PYTHON=sys.executable) from the repo (EVAV_
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 import time
@@ -14,32 +16,69 @@ from pathlib import Path
 import pytest
 
 from evav.metrics import read_metrics
+from tests.slurm_fixtures import parse_scontrol_record
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "train.sbatch"
-ARGS = ["log_every=1", "val_every=0", "micro_batch=4", "optim.warmup_steps=5",
-        "metrics.enabled=true"]
+CONFIG = str(REPO / "configs" / "debug.yaml")
+ARGS = [
+    "log_every=1",
+    "val_every=0",
+    "micro_batch=4",
+    "optim.warmup_steps=5",
+    "metrics.enabled=true",
+]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("slurm-shards") / "synthetic"
-    subprocess.run([sys.executable, "-m", "evav.cli", "preprocess", "synthetic", "--out", str(out),
-                    "train_per_task=40", "val_per_task=8"], check=True, cwd=REPO,
-                   capture_output=True)
+@pytest.fixture(scope="session")
+def slurm_shards(tmp_path_factory) -> Path:
+    """Synthetic shards (200 train + 40 val clips) for the Slurm jobs, built once per session:
+    other modules import this fixture and find the finished build in the session's temp dir."""
+    out = tmp_path_factory.getbasetemp() / "slurm-shards" / "synthetic"
+    if not (out / "manifest.json").is_file():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "evav.cli",
+                "preprocess",
+                "synthetic",
+                "--out",
+                str(out),
+                "train_per_task=40",
+                "val_per_task=8",
+            ],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+        )
     return out
 
 
 def submit(cluster, run_dir: Path, shards: Path, *overrides: str, opts=()) -> tuple[int, Path]:
     out = run_dir.parent / f"{run_dir.name}-%j.out"
     job = cluster.sbatch(
-        SCRIPT, "--nodes=2", "--ntasks-per-node=1", "--time=10", f"--output={out}",
-        f"--job-name=test-{run_dir.name}", *opts,
-        script_args=[f"data.train=[{shards}]", *ARGS,
-                     f"metrics.tracking_uri=sqlite:///{run_dir.parent / 'mlflow.db'}", *overrides],
+        SCRIPT,
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--time=10",
+        f"--output={out}",
+        f"--job-name=test-{run_dir.name}",
+        *opts,
+        script_args=[
+            f"data.train=[{shards}]",
+            *ARGS,
+            f"metrics.tracking_uri=sqlite:///{run_dir.parent / 'mlflow.db'}",
+            *overrides,
+        ],
         cwd=REPO,
-        env={"CONFIG": "configs/debug.yaml", "RUN_DIR": str(run_dir), "EVAV_REPO": str(REPO),
-             "EVAV_PYTHON": sys.executable},
+        env={
+            "CONFIG": CONFIG,
+            "RUN_DIR": str(run_dir),
+            "EVAV_REPO": str(REPO),
+            "EVAV_WORKDIR": str(run_dir.parent),  # MLflow's ./mlruns goes there, not in the repo
+            "EVAV_PYTHON": sys.executable,
+        },
     )
     return job, Path(str(out).replace("%j", str(job)))
 
@@ -70,9 +109,9 @@ def check_finished(cluster, job: int, run_dir: Path, out: Path, steps: int) -> s
     return text
 
 
-def test_two_node_job_trains_to_the_end(slurm_cluster, shards, tmp_path):
+def test_two_node_job_trains_to_the_end(slurm_cluster, slurm_shards, tmp_path):
     run_dir = tmp_path / "run"
-    job, out = submit(slurm_cluster, run_dir, shards, "steps=20", "ckpt_every=0")
+    job, out = submit(slurm_cluster, run_dir, slurm_shards, "steps=20", "ckpt_every=0")
     state = slurm_cluster.wait(job, timeout=240)
     text = out.read_text(errors="replace") if out.exists() else "(no output)"
     assert state == "COMPLETED", text[-4000:] + slurm_cluster.describe(job)
@@ -81,15 +120,18 @@ def test_two_node_job_trains_to_the_end(slurm_cluster, shards, tmp_path):
     check_finished(slurm_cluster, job, run_dir, out, 20)
 
 
-def test_usr2_checkpoints_requeues_and_resumes_in_the_same_run(slurm_cluster, shards, tmp_path):
+def test_usr2_checkpoints_requeues_and_resumes_in_the_same_run(
+    slurm_cluster, slurm_shards, tmp_path
+):
     run_dir = tmp_path / "run"
-    job, out = submit(slurm_cluster, run_dir, shards, "steps=60", "ckpt_every=0")
+    job, out = submit(slurm_cluster, run_dir, slurm_shards, "steps=60", "ckpt_every=0")
     deadline = time.monotonic() + 180
     # a few steps logged, and the MLflow run created (by the logger's background thread)
     while len(steps_logged(run_dir)) < 5 or not (run_dir / "mlflow_run_id").is_file():
         assert time.monotonic() < deadline, slurm_cluster.describe(job)
-        assert slurm_cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}, \
+        assert slurm_cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING"}, (
             slurm_cluster.describe(job)
+        )
         time.sleep(0.3)
     first_run_id = (run_dir / "mlflow_run_id").read_text().strip()
     slurm_cluster.scancel("--signal=USR2", str(job))
@@ -105,3 +147,107 @@ def test_usr2_checkpoints_requeues_and_resumes_in_the_same_run(slurm_cluster, sh
     check_finished(slurm_cluster, job, run_dir, out, 60)
     cut = int(text.split("resumed from")[1].split("at step")[1].split()[0])
     assert 5 <= cut < 60, f"resumed at step {cut}"
+
+
+def evav_submit(
+    cluster, cwd: Path, *args: str, check: bool = True
+) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """``evav submit ARGS`` against the cluster; (the process, the job ids).
+
+    ``cwd`` becomes the jobs' working directory (EVAV_WORKDIR): a temporary one, so that what
+    they write relative to it (MLflow's ./mlruns artifact store) stays out of the repo.
+    """
+    res = subprocess.run(
+        [sys.executable, "-m", "evav.cli", "submit", *map(str, args)],
+        cwd=cwd,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert res.returncode == 0, res.stdout + res.stderr
+    return res, [int(j) for j in re.findall(r"^submitted \w+ job (\d+)", res.stdout, re.M)]
+
+
+def clock(text: str, pattern: str) -> int:
+    """Seconds since midnight of the HH:MM:SS that ``pattern`` (one group) finds in ``text``."""
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not in the job output:\n{text[-4000:]}"
+    h, mi, s = map(int, m.group(1).split(":"))
+    return h * 3600 + mi * 60 + s
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, slurm_shards, tmp_path):
+    """A 2-minute job with ``--signal=B:USR2@85`` (rendered by `evav submit --time 2
+    --signal-grace 85`): Slurm warns the batch shell 55 to 85 s before the limit, it forwards
+    USR2 to the trainers, which checkpoint; rank 0 requeues the job, which resumes in the same
+    run dir and MLflow run and ends with 100 steps, none missing or repeated. The evaluation
+    chained with afterok runs once, after the last run, on the final checkpoint."""
+    run_dir = tmp_path / "run"
+    res, jobs = evav_submit(
+        slurm_cluster,
+        tmp_path,
+        CONFIG,
+        f"data.train=[{slurm_shards}]",
+        *ARGS,
+        "steps=100",
+        "ckpt_every=0",
+        f"metrics.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--run-dir",
+        run_dir,
+        "--nodes",
+        "2",
+        "--time",
+        "2",
+        "--signal-grace",
+        "85",
+        "--eval-data",
+        slurm_shards,
+        "--eval-limit",
+        "1",
+        "--job-name",
+        "test-time-limit",
+    )
+    assert len(jobs) == 2, res.stdout
+    job, eval_job = jobs
+    assert "#SBATCH --signal=B:USR2@85" in (run_dir / "train.sbatch").read_text()
+    deadline = time.monotonic() + 240
+    while slurm_cluster.job(job).get("Restarts", "0") == "0":
+        assert time.monotonic() < deadline, slurm_cluster.describe(job)
+        assert slurm_cluster.state(job) in {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING"}, (
+            slurm_cluster.describe(job)
+        )
+        time.sleep(0.3)
+    # Slurm gives the requeued job a fresh 2-minute limit, so it would be warned (and requeued)
+    # again; a real job has hours left. Give the rest of the run the time it needs.
+    slurm_cluster.scontrol("update", f"JobId={job}", "TimeLimit=10")
+
+    state = slurm_cluster.wait(job, timeout=300)
+    out = run_dir / f"slurm-{job}.out"
+    text = out.read_text(errors="replace") if out.exists() else "(no output)"
+    assert state == "COMPLETED", text[-6000:] + slurm_cluster.describe(job)
+    assert slurm_cluster.job(job).get("Restarts") == "1", slurm_cluster.describe(job)
+    started = clock(text, r"(\d\d:\d\d:\d\d) evav-train: job \d+ restart 0 ")
+    warned = clock(text, r"evav-train: got USR2 at (\d\d:\d\d:\d\d) \(time-limit warning")
+    assert 0 <= warned - started < 120, f"warning {warned - started} s after the start"
+    assert text.count("sent USR2 to") == 2, text[-6000:]  # one trainer on each node
+    assert "DUE TO JOB REQUEUE" in text and "restart 1 on" in text, text[-6000:]
+    cut = int(text.split("resumed from")[1].split("at step")[1].split()[0])
+    assert 1 <= cut < 100, f"resumed at step {cut}"
+    assert "DUE TO TIME LIMIT" not in text, text[-6000:]
+    check_finished(slurm_cluster, job, run_dir, out, 100)
+
+    assert slurm_cluster.wait(eval_job, timeout=180) == "COMPLETED", slurm_cluster.describe(
+        eval_job
+    )
+    done = {
+        r["JobId"]: r
+        for r in (
+            parse_scontrol_record(line)
+            for line in slurm_cluster.cluster.jobcomp_log.read_text().splitlines()
+        )
+    }
+    assert done[str(eval_job)]["StartTime"] >= done[str(job)]["EndTime"]
+    results = json.loads((run_dir / "eval" / "step_00000100.json").read_text())
+    assert results["step"] == 100 and results["tasks"], results
