@@ -204,6 +204,19 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def grad_norm(engine) -> float | None:
+    """The global gradient norm, read before ``engine.step()``, when DeepSpeed will not report it.
+
+    DeepSpeed's ``get_global_grad_norm`` is None for ZeRO stage 0 in fp32 (its plain optimizer
+    path); there the gradients are already all-reduced, so the local norm is the global one.
+    Returns None when DeepSpeed reports the norm itself (read it after the step).
+    """
+    if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
 def save_engine(engine, directory: Path, tag: str) -> None:
     """Every rank writes its DeepSpeed shards of ``engine`` under ``directory/tag``."""
     engine.save_checkpoint(str(directory), tag=tag, save_latest=False)

@@ -2,7 +2,8 @@
 
     log = MetricsLogger(run_dir, MetricsConfig(), params=resolved_config_dict)
     log.log({"train/loss": 0.31, "speed/frames_per_s": 812.0}, step=120)
-    log.close()
+    log.log_image("pred_vs_true", sheet_HWC, step=120)   # RUN_DIR/images/... + an MLflow artifact
+    log.close("FINISHED")          # or "FAILED" (an exception), "KILLED" (preempted, will resume)
 
 Keys are namespaced (``train/loss``, ``val/loss/fsdd``, ``speed/mfu``, ``data/wait_s``).
 
@@ -10,11 +11,22 @@ The jsonl file is the record of truth: every call is appended and flushed before
 returns. MLflow is fed from a background thread, so a slow or dead tracking server never stalls
 training: batches that fail stay queued and are retried with backoff, and are sent when the
 server comes back (or dropped at ``close`` after ``close_timeout_s``, with a warning naming how
-many). The MLflow run id is kept in ``RUN_DIR/mlflow_run_id``: a resumed or requeued job
-continues the same run, and one created while the server was down is created when it returns.
+many). The MLflow run id is kept in ``RUN_DIR/mlflow_run_id`` (and in every checkpoint): a
+resumed or requeued job continues the same run, and one created while the server was down is
+created when it returns.
+
+Run status: ``close`` ends the run FINISHED, FAILED or KILLED after everything queued before it
+was sent. MLflow accepts metrics for a terminated run (only a deleted run refuses them), so a
+preempted run ends KILLED and the resumed job sets it back to RUNNING and logs on into the same
+history. Params are immutable in MLflow (logging a changed value is an error): a resumed job logs
+only the keys the run does not have yet, and records each changed value as a tag
+``changed_param.KEY`` (with a warning), never as a param.
 
 Without ``tracking_uri`` (and no ``MLFLOW_TRACKING_URI``), runs go to a SQLite store in the run
-root (``sqlite:///RUN_ROOT/mlflow.db``): the embedded default, no server needed.
+root (``sqlite:///RUN_ROOT/mlflow.db``): the embedded default, no server needed. An experiment
+this logger creates in a SQLite store keeps its artifacts beside the database
+(``RUN_ROOT/mlartifacts/EXPERIMENT``), not in MLflow's default ``./mlruns`` of the current
+directory.
 """
 
 from __future__ import annotations
@@ -30,6 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 log = logging.getLogger(__name__)
 
 
@@ -39,6 +54,7 @@ class MetricsConfig:
     experiment: str = "evav"
     enabled: bool = True  # False: metrics.jsonl only
     close_timeout_s: float = 20.0
+    image_every: int = 100  # every N steps rank 0 logs predicted vs true frames (0: never)
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -49,18 +65,32 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{Path(run_dir).resolve().parent / 'mlflow.db'}"
 
 
+def sqlite_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """For a SQLite store, ``DB_DIR/mlartifacts/EXPERIMENT`` beside the database file: MLflow's
+    own default, ``./mlruns``, is relative to whatever directory the process runs in (a repo
+    checkout, a Slurm job's submit directory). None for a server, whose artifact root rules."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///"))  # sqlite:////abs/x.db -> /abs/x.db
+    return (db.resolve().parent / "mlartifacts" / experiment).as_uri()
+
+
 class MetricsLogger:
     """Rank-0 metrics sink: jsonl always, MLflow in the background."""
 
     def __init__(self, run_dir: str | Path, cfg: MetricsConfig | None = None,
-                 params: dict[str, Any] | None = None, run_name: str | None = None):
+                 params: dict[str, Any] | None = None, run_name: str | None = None,
+                 run_id: str | None = None):
+        """``run_id``: the MLflow run to continue (from a checkpoint); default: the run dir's."""
         self.cfg = cfg or MetricsConfig()
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._queue: queue.Queue = queue.Queue()
         self._thread = None
-        self.run_id: str | None = _read(self.run_dir / "mlflow_run_id")
+        self._closed = False
+        self.run_id: str | None = run_id or _read(self.run_dir / "mlflow_run_id")
+        self._attached = False  # an existing run was checked (status, params) by this process
         self._run_name = run_name or self.run_dir.name
         self._params = _flatten(params or {})
         if self.cfg.enabled:
@@ -82,14 +112,32 @@ class MetricsLogger:
         if self._thread is not None:
             self._queue.put(("tags", dict(tags)))
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload ``path`` (read when it is sent) under ``artifact_path`` of the run."""
         if self._thread is not None:
-            self._queue.put(("artifact", str(path)))
+            self._queue.put(("artifact", (str(path), artifact_path)))
 
-    def close(self) -> None:
-        """Flush what MLflow has not yet taken (up to ``close_timeout_s``), then stop."""
+    def log_image(self, name: str, image_HWC: np.ndarray, step: int) -> Path:
+        """Save a uint8 RGB image as ``RUN_DIR/images/NAME/step_NNNNNNNN.png`` and log it."""
+        path = self.run_dir / "images" / name / f"step_{int(step):08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.png")
+        Image.fromarray(np.ascontiguousarray(image_HWC, dtype=np.uint8)).save(tmp)
+        tmp.replace(path)
+        self.log_artifact(path, f"images/{name}")
+        return path
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Send what MLflow has not yet taken and end the run with ``status`` (FINISHED, FAILED,
+        KILLED), waiting up to ``close_timeout_s``; then stop. A second call does nothing."""
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"MLflow run status must be FINISHED, FAILED or KILLED, not "
+                             f"{status!r}")
+        if self._closed:
+            return
+        self._closed = True
         if self._thread is not None:
-            self._queue.put(("close", None))
+            self._queue.put(("close", status))
             self._thread.join(self.cfg.close_timeout_s)
             if self._thread.is_alive():
                 log.warning("MLflow: gave up sending after %.0f s; metrics.jsonl is complete",
@@ -109,6 +157,7 @@ class MetricsLogger:
                 while True:  # take everything queued
                     if item[0] == "close":
                         closing = True
+                        pending.append(("terminate", item[1]))  # sent after all before it
                     else:
                         pending.append(item)
                     item = self._queue.get_nowait()
@@ -139,19 +188,57 @@ class MetricsLogger:
         return self._mlflow
 
     def _ensure_run(self) -> str:
+        """The run to log to: created (with params) on first contact, or the existing one
+        set back to RUNNING with its missing params added (changed ones become tags)."""
+        client = self._client()
+        if self.run_id is not None and not self._attached:
+            self._attach(client)
         if self.run_id is None:
-            client = self._client()
-            exp = client.get_experiment_by_name(self.cfg.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(self.cfg.experiment)
+            name = self.cfg.experiment
+            exp = client.get_experiment_by_name(name)
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                name, sqlite_artifact_location(self.tracking_uri, name))
             run = client.create_run(exp_id, run_name=self._run_name)
             self.run_id = run.info.run_id
             _write_atomic(self.run_dir / "mlflow_run_id", self.run_id)
-            from mlflow.entities import Param
-
-            params = [Param(k, str(v)[:6000]) for k, v in self._params.items()]
-            for i in range(0, len(params), 100):
-                client.log_batch(self.run_id, params=params[i : i + 100])
+            self._log_params(client, self._params)
+            self._attached = True
         return self.run_id
+
+    def _attach(self, client) -> None:
+        """Continue run ``self.run_id``; forget it (a new run follows) if the store lacks it."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = client.get_run(self.run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", self.run_id,
+                        self.run_dir, self.tracking_uri)
+            self.run_id = None
+            return
+        if run.info.status != "RUNNING":
+            client.update_run(self.run_id, status="RUNNING")
+        old = run.data.params
+        new = {k: _param_value(v) for k, v in self._params.items()}
+        self._log_params(client, {k: v for k, v in new.items() if k not in old})
+        changed = {k: v for k, v in new.items() if k in old and old[k] != v}
+        if changed:
+            log.warning("MLflow params are immutable: run %s keeps its values of %s; the new ones "
+                        "are tags changed_param.KEY", self.run_id, ", ".join(sorted(changed)))
+            tags = [RunTag(f"changed_param.{k}", v) for k, v in sorted(changed.items())]
+            for i in range(0, len(tags), 100):
+                client.log_batch(self.run_id, tags=tags[i : i + 100])
+        self._attached = True
+
+    def _log_params(self, client, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(batch), 100):
+            client.log_batch(self.run_id, params=batch[i : i + 100])
 
     def _send(self, items: list[tuple[str, Any]]) -> None:
         from mlflow.entities import Metric, RunTag
@@ -167,7 +254,9 @@ class MetricsLogger:
             if kind == "tags":
                 client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in payload.items()])
             elif kind == "artifact":
-                client.log_artifact(run_id, payload)
+                client.log_artifact(run_id, payload[0], payload[1])
+            elif kind == "terminate":
+                client.set_terminated(run_id, payload)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -179,6 +268,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _param_value(v: Any) -> str:
+    """A param as MLflow stores it (a string of at most 6000 characters)."""
+    return str(v)[:6000]
 
 
 def _read(path: Path) -> str | None:

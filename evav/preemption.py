@@ -6,6 +6,10 @@ flag. The trainer checks it once per step, all ranks agree through a max all-red
 saves the checkpoint, and then: on ``USR2`` under Slurm, rank 0 runs ``scontrol requeue`` so
 the same job (same run directory, same MLflow run) starts again and resumes; on ``TERM`` the
 process exits and whoever sent it decides what comes next.
+
+The requeue is the last thing rank 0 does: Slurm may end the job as soon as it is requeued, so
+the trainer calls ``requeue_slurm_job`` only after the checkpoint is committed and the metrics
+logger has flushed to MLflow and closed the run (KILLED; the resumed job reopens it).
 """
 
 from __future__ import annotations
@@ -42,13 +46,18 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def requeue_slurm_job() -> bool:
+def requeue_slurm_job(timeout_s: float = 60.0) -> bool:
     """``scontrol requeue $SLURM_JOB_ID``; False (with a log line) outside Slurm or on failure."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         log.warning("preempted outside Slurm: not requeueing; rerun the same command to resume")
         return False
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    try:  # no shell; bounded, so an unreachable slurmctld cannot hang the grace period away
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.error("scontrol requeue %s failed: %s", job, e)
+        return False
     if done.returncode != 0:
         log.error("scontrol requeue %s failed: %s", job, done.stderr.strip())
         return False

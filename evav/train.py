@@ -7,6 +7,11 @@
 config -> logging -> signals -> distributed -> data -> model -> DeepSpeed engine -> resume ->
 loop (step, log, validate, checkpoint, preemption) -> teardown. Re-running the same command
 with the same run directory resumes from the latest complete checkpoint, in the same MLflow run.
+
+The MLflow run ends FINISHED when training reaches ``steps``, FAILED when an exception escapes,
+and KILLED on preemption (the resumed job sets it RUNNING again). On preemption the order is:
+every rank saves and the checkpoint is committed -> rank 0 flushes and closes the metrics ->
+only then ``scontrol requeue`` (Slurm may end the job as soon as it is requeued).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import random
 import resource
 import sys
@@ -30,6 +34,7 @@ from evav import distributed as dist
 from evav.config import dump_yaml, load_config, to_dict
 from evav.data import DataConfig, Loader
 from evav.distributed import EngineConfig, OptimConfig
+from evav.frames.write import contact_sheet
 from evav.metrics import MetricsConfig, MetricsLogger
 from evav.model import ModelConfig, build_model, next_frame_loss, train_flops_per_frame
 from evav.preemption import Preemption, requeue_slurm_job
@@ -56,6 +61,9 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a preemption signal after a checkpoint; rerun to resume
 
 
 class NonFiniteLossError(RuntimeError):
@@ -104,6 +112,7 @@ def train(cfg: TrainConfig) -> dict:
 
         # -- resume ----------------------------------------------------------------------
         state = {"step": 0, "samples": 0, "frames": 0, "skipped_steps": 0}
+        mlflow_run_id = None
         last = checkpoint.latest(run_dir)
         if last is not None:
             saved = checkpoint.load(engine, last)
@@ -111,12 +120,14 @@ def train(cfg: TrainConfig) -> dict:
             state.update({k: saved[k] for k in state})
             loader.load_state_dict(saved["loader"], saved["world_size"])
             _set_rng(saved["rng"][denv.rank] if saved["world_size"] == denv.world_size else None)
+            mlflow_run_id = saved.get("mlflow_run_id")
             log.info("resumed from %s at step %d", last, state["step"])
         metrics = None
         if denv.is_main:
-            metrics = MetricsLogger(run_dir, cfg.metrics, params=to_dict(cfg))
-            stack.callback(metrics.close)
+            metrics = MetricsLogger(run_dir, cfg.metrics, params=to_dict(cfg), run_id=mlflow_run_id)
+            stack.push(_end_mlflow_run(metrics))  # FINISHED, or FAILED on an exception
             metrics.set_tags({"render_hash": loader.render_hash, "world_size": str(denv.world_size)})
+            metrics.log_artifact(run_dir / "config.yaml", "config")
 
         # -- loop ------------------------------------------------------------------------
         batches = iter(loader)
@@ -162,6 +173,8 @@ def train(cfg: TrainConfig) -> dict:
                         f"is {checkpoint.latest(run_dir)}")
                 if cfg.engine.grad_accum_steps == 1:
                     continue
+            if every(step + 1, cfg.log_every) or step + 1 == cfg.steps:
+                window.grad_norm = dist.grad_norm(engine)  # before the step zeroes gradients
             engine.step()
             step += 1
             n_frames = dist.all_reduce(torch.tensor(float(frames_this_step), device=device), "sum").item()
@@ -178,6 +191,9 @@ def train(cfg: TrainConfig) -> dict:
                 if metrics:
                     metrics.log(record, step)
                     log.info(_line(step, cfg.steps, record))
+            if metrics and every(step, cfg.metrics.image_every):
+                metrics.log_image("pred_vs_true", prediction_sheet(pred, frames_BTHWC,
+                                                                   batch["pad_mask"]), step)
             if val_loader is not None and (every(step, cfg.val_every) or step == cfg.steps):
                 record = validate(engine, val_loader, cfg, tasks, device, amp)
                 if metrics:
@@ -187,9 +203,12 @@ def train(cfg: TrainConfig) -> dict:
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
                 _save(engine, run_dir, step, state, loader, denv, metrics, loader.render_hash,
                       config_yaml, cfg)
-            if stop:
+            if stop:  # the checkpoint is committed; flush the metrics before a requeue
+                if metrics:
+                    metrics.close("KILLED")
                 if preempt.received == "SIGUSR2" and denv.is_main:
                     requeue_slurm_job()
+                dist.barrier()  # no rank exits (a failed task to srun) before the requeue
                 log.warning("stopping at step %d after %s; rerun to resume", step, preempt.received)
                 return {"step": step, "preempted": True}
         return {"step": step, "preempted": False, "last_loss": window.last_loss}
@@ -219,6 +238,31 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
     return out
 
 
+def prediction_sheet(pred_BTHWC: torch.Tensor, frames_BTHWC: torch.Tensor,
+                     pad_mask_BT: torch.Tensor) -> np.ndarray:
+    """A contact sheet of the first clip: true frames 1..T-1 on top, the model's predictions of
+    them below (``pred[:, t]`` predicts frame ``t + 1``); padding frames are left out."""
+    keep = (~pad_mask_BT[0, 1:]).cpu()
+    true = frames_BTHWC[0, 1:].detach().float().cpu()[keep]
+    pred = pred_BTHWC[0, :-1].detach().float().cpu()[keep]
+    rows = torch.cat([true, pred]).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return contact_sheet(rows, columns=max(1, len(true)))
+
+
+def _end_mlflow_run(metrics: MetricsLogger):
+    """An ExitStack hook: close the metrics, ending the MLflow run FINISHED, FAILED on an
+    exception, KILLED on Ctrl-C (a preempted run has already been closed KILLED)."""
+
+    def hook(exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            metrics.close("FINISHED")
+        else:
+            metrics.close("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        return False  # never swallow the exception
+
+    return hook
+
+
 def _add_task_losses(sums_2K: torch.Tensor, per_task: dict[int, torch.Tensor]) -> None:
     """Accumulate per-task mean losses (row 0) and how many batches had the task (row 1)."""
     for tid, value in per_task.items():
@@ -243,6 +287,7 @@ class _Window:
         self.steps = 0
         self.loss = 0.0
         self.task_sums = None
+        self.grad_norm = None  # set before the step when DeepSpeed cannot report it
 
     def add(self, seconds, frames, loss, task_sums):
         self.time += seconds
@@ -261,7 +306,8 @@ class _Window:
         rec = {
             "train/loss": loss,
             "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
-            "train/grad_norm": _to_float(engine.get_global_grad_norm()),
+            "train/grad_norm": _to_float(engine.get_global_grad_norm() if self.grad_norm is None
+                                         else self.grad_norm),
             "train/skipped_steps": state["skipped_steps"],
             "train/samples": state["samples"],
             "train/frames": state["frames"],
@@ -354,4 +400,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, list(args.overrides))
     result = train(cfg)
-    return 0 if math.isfinite(result.get("step", 0)) else 1
+    return PREEMPTED_EXIT if result["preempted"] else 0

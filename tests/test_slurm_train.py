@@ -106,6 +106,7 @@ def check_finished(cluster, job: int, run_dir: Path, out: Path, steps: int) -> s
     assert [r.info.run_id for r in runs] == [run_id]
     hist = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in hist) == list(range(1, steps + 1))
+    assert client.get_run(run_id).info.status == "FINISHED"
     return text
 
 

@@ -1,4 +1,10 @@
-"""Training end to end: real DeepSpeed engines (1 and 2 CPU processes), checkpoints, resume, faults."""
+"""Training end to end: real DeepSpeed engines (1 and 2 CPU processes), checkpoints, resume,
+faults, and the MLflow run across restarts (status, one history, immutable params, images).
+
+The 2-process ZeRO 2/3 tests train on FSDD shards built once per session from a real subset of
+../shared/datasets/fsdd (they skip, naming the folder, when the datasets are absent); the others
+use the built-in synthetic suite.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from evav import checkpoint
 from evav.metrics import read_metrics
+from tools.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["configs/debug.yaml", "log_every=1", "val_every=0", "micro_batch=4", "optim.warmup_steps=5"]
+FSDD_TAKES = {5, 6, 7, 8}  # train-split takes (the official split: takes 0-4 test, 5-49 train)
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +36,38 @@ def synthetic(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def fsdd(datasets, tmp_path_factory):
+    """FSDD train shards of 200 real recordings (every digit and speaker, takes 5-8): all 2,500
+    take about two minutes to build on 2 busy cores, this subset about 15 s."""
+    src = tmp_path_factory.mktemp("fsdd-src")
+    (src / "recordings").mkdir()
+    for wav in sorted((datasets / "fsdd" / "recordings").glob("*.wav")):
+        if int(wav.stem.rsplit("_", 1)[1]) in FSDD_TAKES:
+            (src / "recordings" / wav.name).symlink_to(wav)
+    out = tmp_path_factory.mktemp("shards") / "fsdd"
+    cmd = [sys.executable, "-m", "evav.cli", "preprocess", "fsdd", "--src", str(src), "--out", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    """A SQLite MLflow store, created here once so the training runs do not each migrate it."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
 def run_train(run_dir, data, *extra, env=None, nproc=1, wait=True):
     cmd = [sys.executable, "-m", "evav.cli", "train", *ARGS, f"data.train=[{data}]", f"run_dir={run_dir}",
            "metrics.enabled=false", *extra]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), *cmd[1:]]
+               "--master_port", str(free_port()), *cmd[1:]]
     e = {**os.environ, **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -48,25 +84,62 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
-def test_resume_after_sigterm_is_bitwise_identical(synthetic, tmp_path):
+def mlflow_args(uri):
+    return ["metrics.enabled=true", f"metrics.tracking_uri={uri}", "metrics.close_timeout_s=120"]
+
+
+def mlflow_run(uri, run_dir):
+    """The run of ``run_dir`` in the store at ``uri`` and the steps of its train/loss history."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    run = client.get_run((Path(run_dir) / "mlflow_run_id").read_text().strip())
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    return client, run, sorted(steps)
+
+
+def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(synthetic, mlflow_db,
+                                                                      tmp_path):
     full = run_train(tmp_path / "full", synthetic, "steps=16", "ckpt_every=0")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     ref = losses(tmp_path / "full")
     assert sorted(ref) == list(range(1, 17))
 
-    proc = run_train(tmp_path / "cut", synthetic, "steps=16", "ckpt_every=0", wait=False)
+    cut = tmp_path / "cut"
+    proc = run_train(cut, synthetic, "steps=16", "ckpt_every=0", "metrics.image_every=4",
+                     *mlflow_args(mlflow_db), wait=False)
     deadline = time.time() + 300
-    while time.time() < deadline and len(losses(tmp_path / "cut")) < 6:
+    while time.time() < deadline and len(losses(cut)) < 6:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    cut_at = checkpoint.complete_checkpoints(tmp_path / "cut")[-1][0]
+    assert proc.returncode == 75, out[-3000:]  # PREEMPTED_EXIT: checkpointed, rerun to resume
+    cut_at = checkpoint.complete_checkpoints(cut)[-1][0]
     assert 6 <= cut_at < 16, f"preempted checkpoint at {cut_at}"
-    again = run_train(tmp_path / "cut", synthetic, "steps=16", "ckpt_every=0")
+    _, run, steps = mlflow_run(mlflow_db, cut)
+    assert run.info.status == "KILLED" and steps == list(range(1, cut_at + 1)), out[-3000:]
+    run_id = run.info.run_id
+
+    # resumed with one param changed: the run keeps the first value (params are immutable)
+    again = run_train(cut, synthetic, "steps=16", "ckpt_every=0", "metrics.image_every=4",
+                      "keep_last=3", *mlflow_args(mlflow_db))
     assert again.returncode == 0, again.stdout[-3000:]
     assert "resumed from" in again.stdout
-    assert losses(tmp_path / "cut") == ref  # bitwise: floats compared exactly
+    assert losses(cut) == ref  # bitwise: floats compared exactly
+    client, run, steps = mlflow_run(mlflow_db, cut)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    assert steps == list(range(1, 17))  # one continuous history, no step twice
+    assert run.data.params["keep_last"] == "2" and run.data.params["steps"] == "16"
+    assert run.data.tags["changed_param.keep_last"] == "3"
+    assert [f.path for f in client.list_artifacts(run_id, "config")] == ["config/config.yaml"]
+
+    # predicted vs true frames every 4 steps: true frames on top, predictions below
+    pngs = sorted(p.name for p in (cut / "images" / "pred_vs_true").glob("*.png"))
+    assert pngs == [f"step_{s:08d}.png" for s in (4, 8, 12, 16)]
+    logged = client.list_artifacts(run_id, "images/pred_vs_true")
+    assert sorted(Path(f.path).name for f in logged) == pngs
+    sheet = np.asarray(Image.open(cut / "images" / "pred_vs_true" / pngs[-1]))
+    assert sheet.shape[0] == 2 * (64 + 2) + 2 and sheet.shape[1] >= 64 + 4 and sheet.shape[2] == 3
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
@@ -81,27 +154,29 @@ def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "r")] == [4, 8]
 
 
-def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, tmp_path):
+def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_db, tmp_path):
     ok = run_train(tmp_path / "a", synthetic, "steps=6", "ckpt_every=0", env={"EVAV_FAULT": "nan_loss:3"})
     assert ok.returncode == 0, ok.stdout[-3000:]
     assert read_metrics(tmp_path / "a")[-1]["train/skipped_steps"] == 1
     bad = run_train(tmp_path / "b", synthetic, "steps=10", "ckpt_every=2", "max_skipped_steps=3",
-                    env={"EVAV_FAULT": "nan_loss:5,6,7,8"})
+                    *mlflow_args(mlflow_db), env={"EVAV_FAULT": "nan_loss:5,6,7,8"})
     assert bad.returncode != 0
     assert "NonFiniteLossError" in bad.stderr and "max_skipped_steps=3" in bad.stderr
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "b")][-1] == 4
+    _, run, steps = mlflow_run(mlflow_db, tmp_path / "b")
+    assert run.info.status == "FAILED" and steps == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_zero_bf16_learns_and_logs_to_mlflow_server(synthetic, tmp_path, stage):
+def test_two_process_zero_bf16_learns_fsdd_and_logs_to_mlflow_server(fsdd, tmp_path, stage):
     from tools.mlflow_server import start_server, stop_server
 
     (tmp_path / "srv").mkdir()
     proc, uri = start_server(tmp_path / "srv" / "store")
-    try:
-        done = run_train(tmp_path / "run", synthetic, "steps=30", f"engine.zero_stage={stage}",
-                         "ckpt_every=0", "metrics.enabled=true", f"metrics.tracking_uri={uri}",
-                         "optim.lr=3e-3", nproc=2)
+    try:  # FSDD clips are 4 frames: task, spectrogram, separator, the digit's word
+        done = run_train(tmp_path / "run", fsdd, "steps=30", f"engine.zero_stage={stage}",
+                         "data.clip_frames=4", "ckpt_every=0", "metrics.enabled=true",
+                         f"metrics.tracking_uri={uri}", "optim.lr=3e-3", nproc=2)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         loss = losses(tmp_path / "run")
         first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
@@ -109,8 +184,10 @@ def test_two_process_zero_bf16_learns_and_logs_to_mlflow_server(synthetic, tmp_p
         from mlflow.tracking import MlflowClient
 
         run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
-        hist = MlflowClient(uri).get_metric_history(run_id, "train/loss")
+        client = MlflowClient(uri)
+        hist = client.get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in hist) == list(range(1, 31))
+        assert client.get_run(run_id).info.status == "FINISHED"
     finally:
         stop_server(proc)
 
