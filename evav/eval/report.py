@@ -97,12 +97,15 @@ def log_mlflow(results: dict, files: list[Path], tracking_uri: str | None, run_i
         from mlflow.entities import Metric, RunTag
         from mlflow.tracking import MlflowClient
 
+        from evav.metrics import sqlite_artifact_location
+
         client = MlflowClient(tracking_uri=tracking_uri)
         if run_id is not None:
             client.get_run(run_id)  # raises when the store does not have it
         else:
             exp = client.get_experiment_by_name("evav-eval")
-            exp_id = exp.experiment_id if exp else client.create_experiment("evav-eval")
+            exp_id = exp.experiment_id if exp else client.create_experiment(
+                "evav-eval", sqlite_artifact_location(tracking_uri or "", "evav-eval"))
             run_id = client.create_run(exp_id, run_name=f"eval-step{step}").info.run_id
         import time
 
