@@ -6,9 +6,10 @@
 Each row is a whole `evav preprocess` build (preprocessing.runner.build, in-process, as the CLI
 runs it) from ../shared/datasets or $EVAV_DATASETS: text (SST-2 train rows), audio (FSDD),
 image (CIFAR-10 JPEGs), video (the real clips, 8 frames each, listed several times through
-symlinks in a temporary folder) and generated video (Moving MNIST). Torch runs one thread per
-worker; FFmpeg's own decoding threads (render_video asks for them) are not limited, so one
-worker already uses more than a core on real video. Wall time covers
+symlinks in a temporary folder) and generated video (Moving MNIST). Torch and FFmpeg's video
+decoder run one thread per worker process; a 1-worker build runs in-process, where FFmpeg may
+use its own decoding threads, so on real video one worker already uses more than a core. Wall
+time covers
 everything a user waits for: listing, worker start-up (spawned processes import torch),
 rendering, encoding, writing shards and the manifest. Median of --repeats builds.
 """
