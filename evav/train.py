@@ -146,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
                     pred = engine(frames_BTHWC)
                 loss, per_task = next_frame_loss(pred, frames_BTHWC, batch["loss_mask"].to(device),
                                                  batch["pad_mask"].to(device),
-                                                 batch["task_id"].to(device), len(tasks))
+                                                 batch["task_id"].to(device))
                 if faults.active("nan_loss", attempt):
                     loss = loss * float("nan")
                 finite = torch.isfinite(loss).float()
@@ -227,8 +227,7 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                 pred = engine(frames)
             _, per_task = next_frame_loss(pred, frames, batch["loss_mask"].to(device),
-                                          batch["pad_mask"].to(device), batch["task_id"].to(device),
-                                          len(tasks))
+                                          batch["pad_mask"].to(device), batch["task_id"].to(device))
             _add_task_losses(sums, per_task)
     engine.train()
     sums = dist.all_reduce(sums, "sum")

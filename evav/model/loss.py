@@ -76,6 +76,7 @@ def next_frame_loss(
     loss_mask_BT: torch.Tensor,
     pad_mask_BT: torch.Tensor | None = None,
     task_ids_B: torch.Tensor | None = None,
+    *,
     window: int = 3,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Scalar loss (mean over selected target frames) and per-task means (detached).
