@@ -13,8 +13,12 @@ FFV1's size at a max error of 2 levels (PSNR ~52 dB), so builders of real video 
 decord and PyAV decode all of these from an mp4. yuv420p loses colour (a red tracking box is
 off by up to 144 levels) and crf > 0 blurs glyph edges, so neither is a default.
 
-Encoding is single-threaded and deterministic: the same frames give the same bytes, so shards
-are reproducible.
+Encoding is single-threaded. The lossless presets (FFV1, and H.264 with qp=0) are
+deterministic: the same frames give the same bytes, so shards are reproducible and a resumed
+build is byte-identical. The CRF presets are not: measured on a loaded 2-core machine,
+``h264-444-crf10`` and ``h264-420-crf18`` gave different bytes for the same frames in about one
+encode in four (x264's rate control with threads=1; cause not found), so a build with them is
+reproducible in content, not in bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ PRESETS = {
     "h264-420-crf18": "libx264:yuv420p:crf=18",
 }
 DEFAULT_CODEC = "ffv1"
+DETERMINISTIC = ("ffv1", "h264-rgb", "h264-444-qp0", "h264-420-qp0")  # byte-identical re-encodes
 FPS = 8  # nominal; clips are sequences of frames, the rate only sets timestamps
 
 
