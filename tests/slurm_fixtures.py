@@ -189,10 +189,6 @@ class SlurmHarness:
         records = [parse_scontrol_record(line) for line in lines]
         return [r for r in records if r.get("JobId") == str(job_id)]
 
-    def started_after(self, later: int | str, earlier: int | str) -> bool:
-        """Whether job ``later`` started after job ``earlier`` last ended (completion log)."""
-        return self.completions(later)[-1]["StartTime"] >= self.completions(earlier)[-1]["EndTime"]
-
     def wait_for(
         self,
         job_id: int | str,

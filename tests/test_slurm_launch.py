@@ -19,6 +19,7 @@ from evav.cli import main
 from evav.config import dump_yaml, load_config
 from evav.launch import code_snapshot, parse_time, render
 from evav.train import TrainConfig
+from tests.slurm_fixtures import parse_scontrol_record
 from tests.test_slurm_train import evav_submit, slurm_shards  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -305,7 +306,14 @@ def test_evaluation_job_runs_after_the_training_job(
         train_job
     ) + slurm_cluster.describe(eval_job)
     assert slurm_cluster.state(train_job) == "COMPLETED"
-    assert slurm_cluster.started_after(eval_job, train_job)
+    done = {
+        r["JobId"]: r
+        for r in (
+            parse_scontrol_record(line)
+            for line in slurm_cluster.cluster.jobcomp_log.read_text().splitlines()
+        )
+    }
+    assert done[str(eval_job)]["StartTime"] >= done[str(train_job)]["EndTime"]
 
     results = json.loads((run_dir / "eval" / "step_00000006.json").read_text())
     assert results["step"] == 6

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from evav.metrics import read_metrics
+from tests.slurm_fixtures import parse_scontrol_record
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "train.sbatch"
@@ -241,6 +242,13 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, slur
     assert slurm_cluster.wait(eval_job, timeout=180) == "COMPLETED", slurm_cluster.describe(
         eval_job
     )
-    assert slurm_cluster.started_after(eval_job, job)
+    done = {
+        r["JobId"]: r
+        for r in (
+            parse_scontrol_record(line)
+            for line in slurm_cluster.cluster.jobcomp_log.read_text().splitlines()
+        )
+    }
+    assert done[str(eval_job)]["StartTime"] >= done[str(job)]["EndTime"]
     results = json.loads((run_dir / "eval" / "step_00000100.json").read_text())
     assert results["step"] == 100 and results["tasks"], results
