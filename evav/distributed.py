@@ -57,6 +57,11 @@ class EngineConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     grad_accum_steps: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, else gloo
+    # AdamW implementation. None: torch's on CPU, DeepSpeed's fused kernel on GPU or with
+    # offload. DeepSpeed's CPU kernel keeps beta^t as a running product that a resumed process
+    # restarts from pow(beta, t): the first update after a resume then differs in the last bits.
+    # torch's AdamW recomputes beta^t every step, so a resumed CPU run is bitwise the same.
+    torch_adam: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # merged last into the DeepSpeed dict
 
 
@@ -130,6 +135,11 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int,
             "lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
             "weight_decay": optim.weight_decay}},
     }
+    torch_adam = engine.torch_adam
+    if torch_adam is None:
+        torch_adam = not torch.cuda.is_available() and not engine.offload_optimizer
+    if torch_adam:
+        ds["optimizer"]["params"]["torch_adam"] = True
     if engine.offload_optimizer:
         if engine.zero_stage == 0:
             raise ValueError("engine.offload_optimizer needs engine.zero_stage >= 1")

@@ -4,6 +4,10 @@
                                     after the engine shards are written, before the commit marker
     EVAV_FAULT=nan_loss:5,6,7       make the training loss non-finite at these step attempts (1-based,
                                     counted from the start of this process, skipped ones included)
+    EVAV_FAULT=hold:30              at the end of step 30 of a fresh (not resumed) run, wait (at
+                                    most 300 s) until a preemption signal has arrived: a
+                                    preemption test then checkpoints mid-run however fast the
+                                    machine trains, and its resumed run goes straight on
 
 Several faults are separated by ``;``. The hooks cost one dict lookup when unset.
 """
@@ -13,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
+from collections.abc import Callable
 
 
 @functools.lru_cache(maxsize=1)
@@ -31,3 +37,10 @@ def active(name: str, step: int) -> bool:
 def kill_in_save(step: int) -> None:
     if active("kill_in_save", step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hold(step: int, released: Callable[[], bool], resumed: bool, timeout_s: float = 300.0) -> None:
+    if active("hold", step) and not resumed:
+        deadline = time.monotonic() + timeout_s
+        while not released() and time.monotonic() < deadline:
+            time.sleep(0.05)

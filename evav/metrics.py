@@ -89,8 +89,9 @@ class MetricsLogger:
         self._queue: queue.Queue = queue.Queue()
         self._thread = None
         self._closed = False
-        self.run_id: str | None = run_id or _read(self.run_dir / "mlflow_run_id")
+        self.run_id: str | None = run_id or read_run_id(self.run_dir / "mlflow_run_id")
         self._attached = False  # an existing run was checked (status, params) by this process
+        self._contacted = threading.Event()  # the sender has the run, or has failed once
         self._run_name = run_name or self.run_dir.name
         self._params = _flatten(params or {})
         if self.cfg.enabled:
@@ -127,6 +128,14 @@ class MetricsLogger:
         self.log_artifact(path, f"images/{name}")
         return path
 
+    def wait_run_id(self) -> str | None:
+        """The MLflow run id, waiting (at most ``close_timeout_s``) for the background thread's
+        first contact with the store: a checkpoint written in the first seconds of a run must
+        still name its run. None when MLflow is off or could not be reached."""
+        if self._thread is not None:
+            self._contacted.wait(self.cfg.close_timeout_s)
+        return self.run_id
+
     def close(self, status: str = "FINISHED") -> None:
         """Send what MLflow has not yet taken and end the run with ``status`` (FINISHED, FAILED,
         KILLED), waiting up to ``close_timeout_s``; then stop. A second call does nothing."""
@@ -149,7 +158,7 @@ class MetricsLogger:
     def _sender(self) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        pending: list[tuple[str, Any]] = []
+        pending: list[tuple[str, Any]] = [("open", None)]  # first contact now: create/reopen the run
         closing, backoff, next_try, warned = False, 1.0, 0.0, False
         while not (closing and not pending):
             try:
@@ -172,6 +181,7 @@ class MetricsLogger:
                     log.warning("MLflow: reachable again at %s", self.tracking_uri)
                     warned = False
             except Exception as e:  # noqa: BLE001 - any failure: keep the batch, retry later
+                self._contacted.set()  # nobody waits for a store that is not there
                 if not warned:
                     log.warning("MLflow at %s unreachable (%s: %s); retrying in the background, "
                                 "metrics.jsonl keeps everything", self.tracking_uri,
@@ -203,6 +213,7 @@ class MetricsLogger:
             _write_atomic(self.run_dir / "mlflow_run_id", self.run_id)
             self._log_params(client, self._params)
             self._attached = True
+        self._contacted.set()
         return self.run_id
 
     def _attach(self, client) -> None:
@@ -275,7 +286,7 @@ def _param_value(v: Any) -> str:
     return str(v)[:6000]
 
 
-def _read(path: Path) -> str | None:
+def read_run_id(path: Path) -> str | None:
     try:
         return path.read_text().strip() or None
     except FileNotFoundError:

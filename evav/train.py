@@ -199,6 +199,7 @@ def train(cfg: TrainConfig) -> dict:
                 if metrics:
                     metrics.log(record, step)
                     log.info("step %d validation: %s", step, _fmt(record))
+            faults.hold(step, lambda: preempt.requested, resumed=last is not None)
             stop = bool(dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item())
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
                 _save(engine, run_dir, step, state, loader, denv, metrics, loader.render_hash,
@@ -329,7 +330,7 @@ def _save(engine, run_dir, step, state, loader, denv, metrics, render_hash, conf
     loader_states = dist.all_gather_objects(loader.state_dict())
     rngs = dist.all_gather_objects(_get_rng())
     full = {**state, "world_size": denv.world_size, "loader": loader_states, "rng": rngs,
-            "render_hash": render_hash, "mlflow_run_id": metrics.run_id if metrics else None}
+            "render_hash": render_hash, "mlflow_run_id": metrics.wait_run_id() if metrics else None}
     full["mlflow_run_id"] = dist.broadcast_object(full["mlflow_run_id"])
     path = checkpoint.save(engine, run_dir, step, full, config_yaml, denv.is_main,
                            cfg.keep_last, cfg.keep_every)

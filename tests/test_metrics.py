@@ -109,3 +109,21 @@ def test_disabled_logger_writes_only_jsonl(tmp_path):
     assert not (tmp_path / "mlflow_run_id").exists()
     assert [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path)] == [
         {"step": 1, "train/loss": 0.5}]
+
+
+def test_wait_run_id_names_the_run_before_any_metric_was_sent(tmp_path):
+    """A checkpoint saved in the first second of a run records its MLflow run: wait_run_id waits
+    for the background thread's first contact (here a new SQLite store, whose schema takes
+    seconds to create) instead of returning None."""
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    m = logger(tmp_path / "run", uri)
+    run_id = m.wait_run_id()
+    assert run_id is not None and run_id == (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    assert client(uri).get_run(run_id).info.status == "RUNNING"
+    m.close()
+
+
+def test_wait_run_id_gives_up_on_an_unreachable_server(tmp_path):
+    m = MetricsLogger(tmp_path, MetricsConfig(tracking_uri="http://127.0.0.1:9", close_timeout_s=3))
+    assert m.wait_run_id() is None
+    m.close()

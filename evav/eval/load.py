@@ -74,11 +74,13 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         run_id, uri = meta.get("mlflow_run_id"), meta.get("tracking_uri")
     else:
         from evav import distributed
+        from evav.metrics import read_run_id
 
         train_state = checkpoint.read_state(p)
         state = distributed.consolidated_state_dict(p, "engine")
         step, render_hash = int(train_state["step"]), str(train_state["render_hash"])
-        run_id = train_state.get("mlflow_run_id")
+        # a checkpoint saved before MLflow answered has no id; the run dir's file has it then
+        run_id = train_state.get("mlflow_run_id") or read_run_id(p.parent.parent / "mlflow_run_id")
         uri = _run_tracking_uri(cfg, p.parent.parent)
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
