@@ -95,6 +95,25 @@ def test_sst2_tsv_with_broken_rows(datasets, tmp_path):
     assert m.splits["val"].samples == 10 and m.splits["val"].inputs == 12
 
 
+def test_sst2_balance_keeps_the_first_rows_of_each_label(tmp_path):
+    """balance=true: as many negative as positive training rows (the first of each, in file
+    order); a row with an unreadable label is still listed and quarantined."""
+    rows = ["sentence\tlabel"] + [f"good film number {i}\t1" for i in range(7)]
+    rows[3:3] = ["dull film\t0", "bad film\t0", "a broken row", "weak film\t0"]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "train.tsv").write_text("\n".join(rows) + "\n")
+    m = build("sst2", tmp_path / "raw", tmp_path / "out", "balance=true")
+    assert quarantined(m) == {"train.tsv:6": "broken row: 1 tab-separated fields, expected 2"}
+    assert m.splits["train"].samples == 6 and m.splits["train"].inputs == 7
+    from tests.test_preprocess import read_samples
+
+    texts = sorted(meta.extra["text"] for meta, _ in read_samples(tmp_path / "out").values())
+    assert texts == sorted(["bad film", "dull film", "weak film"]
+                           + [f"good film number {i}" for i in range(3)])
+    plain = build("sst2", tmp_path / "raw", tmp_path / "plain")
+    assert plain.splits["train"].samples == 10
+
+
 @pytest.mark.parametrize(
     "builder, layout, expected",
     [
