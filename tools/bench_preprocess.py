@@ -1,23 +1,28 @@
 """Preprocessing throughput: samples/s with 1 and 2 workers per modality, the speed-up, bytes/sample.
 
     .venv/bin/python tools/bench_preprocess.py            # prints the table, updates its section of docs/benchmarks.md
-    .venv/bin/python tools/bench_preprocess.py --no-write --scale 0.25 --repeats 1
+    .venv/bin/python tools/bench_preprocess.py --no-write --scale 0.25 --repeats 1   # a quick look
 
 Each row is a whole `evav preprocess` build (preprocessing.runner.build, in-process, as the CLI
 runs it) from ../shared/datasets or $EVAV_DATASETS: text (SST-2 train rows), audio (FSDD),
 image (CIFAR-10 JPEGs), video (the real clips, 8 frames each, listed several times through
-symlinks in a temporary folder) and generated video (Moving MNIST). Torch and FFmpeg's video
-decoder run one thread per worker process; a 1-worker build runs in-process, where FFmpeg may
-use its own decoding threads, so on real video one worker already uses more than a core. Wall
-time covers
-everything a user waits for: listing, worker start-up (spawned processes import torch),
-rendering, encoding, writing shards and the manifest. Median of --repeats builds.
+symlinks in a temporary folder) and generated video (Moving MNIST). One worker is one core:
+torch, BLAS and FFmpeg's video decoder run one thread, in the 1-worker build (in-process) as in
+the forked workers. Wall time covers everything a user waits for: listing, forking the
+workers, rendering, encoding, writing shards and the manifest. The default --scale 3 makes each
+build 5-25 s on 2 cores, so the fixed costs are a small part. Median of --repeats builds.
 """
 
+# ruff: noqa: E402  (the thread settings below must come before numpy and torch load)
 from __future__ import annotations
 
-import argparse
 import os
+
+# 1 worker = 1 core: no BLAS/OpenMP thread pools in this process or the workers it forks
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse
 import statistics
 import sys
 import tempfile
@@ -28,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evav.frames.video import set_decode_threads  # noqa: E402
 from preprocessing.runner import BuildConfig, build  # noqa: E402
 from tools.benchlib import machine, write_section  # noqa: E402
 
@@ -91,11 +97,17 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the input counts")
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=3.0,
+        help="multiply the input counts (capped by each dataset's size)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 1 worker = 1 core (workers set this for themselves too)
+    set_decode_threads(1)  # and FFmpeg decodes on the calling thread, as in the workers
     root = datasets_root()
     lines = [
         "| modality | samples | 1 worker: samples/s | 2 workers: samples/s | per worker | 2 vs 1 | bytes/sample |",
@@ -121,9 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         "## Preprocessing (`tools/bench_preprocess.py`)\n\n"
         f"Machine: {machine()}. Whole builds (list, start workers, render, encode, write shards, "
         f"manifest) with the builders' default codecs, 64x64 frames; median of {args.repeats} "
-        "builds. The machine's 2 cores are shared with other jobs, so the 2-worker figures are a "
-        "lower bound of what 2 free cores give. On real video one worker already uses more than "
-        "a core (FFmpeg's decoding threads in render_video), which caps that row's speed-up.\n\n"
+        f"builds at --scale {args.scale:g} (5-25 s each, so listing, forking the workers and "
+        "the merge are a small part). One worker is one core: torch, BLAS and FFmpeg's decoder "
+        "run one thread in this process and in the workers. Real video (256-pixel clips "
+        "decoded and resized) gains least; why was not investigated.\n\n"
         + "\n".join(lines)
         + f"\n\nMedian speed-up, 2 workers vs 1: **{statistics.median(ratios):.2f}x** (goal >= 1.8).\n"
     )
