@@ -129,7 +129,11 @@ def decode_clip_pyav(data: bytes) -> np.ndarray:
     """mp4 bytes -> ``(T, H, W, 3)`` uint8 with PyAV; ValueError if nothing decodes."""
     try:
         with av.open(io.BytesIO(data)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            # one thread, as decord's num_threads=1: a loader worker is one core, and FFmpeg's
+            # slice/frame threads cost more than they give on small clips
+            stream.thread_count = 1
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
     except (av.error.FFmpegError, IndexError, EOFError) as e:
         raise ValueError(f"undecodable clip: {e}") from None
     if not frames:

@@ -116,9 +116,12 @@ Reading: (b)/(a) is the loader's overhead (tar index and seeks, frame-count and 
 padding, collation, and with 1 worker the transfer of each batch through shared memory).
 (c)/(b) can reach 2 only when two cores are free for the two workers while the main process
 waits; on a 2-core machine shared with other jobs it is bounded by what the machine gives.
-One run per cell on a shared machine: cells vary by tens of percent between runs (a pinned
-2-worker PyAV cell above 2x the bare loop, or 1 worker below 0 workers, is such noise), so read
-the ratios as rough; rerun on a quiet machine before drawing conclusions.
+One run per cell: on a quiet machine (load average < 1.5) cells still vary by 10-20% between
+runs. Two findings are not explained yet: 1 worker is slower than 0 workers (the batch goes
+through shared memory, and the main process and the worker share 2 cores), and 2 PyAV workers
+pinned to cores ran at more than twice the unpinned rate and above twice the bare loop in two
+runs in a row, which suggests the bare loop and unpinned workers lose time to something that
+pinning avoids, not that pinning is that good.
 PyAV is the default decoder: it reports FFmpeg's decode errors (FFV1 slice CRCs, H.264
 bitstream errors), so a corrupt clip is skipped; decord hides them and crashes (segfault) on some
 corrupt mp4 headers, so it is for trusted shards only.
