@@ -95,21 +95,32 @@ def test_sst2_tsv_with_broken_rows(datasets, tmp_path):
     assert m.splits["val"].samples == 10 and m.splits["val"].inputs == 12
 
 
-def test_sst2_balance_keeps_the_first_rows_of_each_label(tmp_path):
-    """balance=true: as many negative as positive training rows (the first of each, in file
-    order); a row with an unreadable label is still listed and quarantined."""
+def test_sst2_balance_alternates_the_labels_so_any_limit_is_half_of_each(tmp_path):
+    """balance=true: negative and positive training rows alternately, each label in file order,
+    the commoner label's surplus dropped; --limit then keeps a balanced prefix. A row with an
+    unreadable label is still listed and quarantined."""
+    from tests.test_preprocess import read_samples
+
     rows = ["sentence\tlabel"] + [f"good film number {i}\t1" for i in range(7)]
     rows[3:3] = ["dull film\t0", "bad film\t0", "a broken row", "weak film\t0"]
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / "train.tsv").write_text("\n".join(rows) + "\n")
+
+    def texts(out):
+        return sorted(meta.extra["text"] for meta, _ in read_samples(out).values())
+
     m = build("sst2", tmp_path / "raw", tmp_path / "out", "balance=true")
     assert quarantined(m) == {"train.tsv:6": "broken row: 1 tab-separated fields, expected 2"}
     assert m.splits["train"].samples == 6 and m.splits["train"].inputs == 7
-    from tests.test_preprocess import read_samples
-
-    texts = sorted(meta.extra["text"] for meta, _ in read_samples(tmp_path / "out").values())
-    assert texts == sorted(["bad film", "dull film", "weak film"]
-                           + [f"good film number {i}" for i in range(3)])
+    assert texts(tmp_path / "out") == sorted(
+        ["bad film", "dull film", "weak film"] + [f"good film number {i}" for i in range(3)]
+    )
+    # the first 5 listed: the broken row, then dull/good 0, bad/good 1
+    m = build("sst2", tmp_path / "raw", tmp_path / "lim", "balance=true", "--limit", "5")
+    assert m.splits["train"].samples == 4
+    assert texts(tmp_path / "lim") == sorted(
+        ["bad film", "dull film", "good film number 0", "good film number 1"]
+    )
     plain = build("sst2", tmp_path / "raw", tmp_path / "plain")
     assert plain.splits["train"].samples == 10
 

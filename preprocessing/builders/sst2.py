@@ -3,9 +3,10 @@
 Official layout: ``SST-2/{train,dev}.tsv`` (header ``sentence<TAB>label``, label 0 = negative,
 1 = positive; ``test.tsv`` has no labels and is skipped). Splits: train, val (= dev).
 A row without exactly two fields or with a label other than 0/1 is quarantined as
-``FILE:LINE``. ``balance=true`` keeps, in the train split, the first N rows of each label (N: the
-rarer label's count), so that the majority word (56% of SST-2's training rows are positive) is
-not the best guess of a model that cannot read the sentence yet.
+``FILE:LINE``. ``balance=true`` orders the train split's rows negative, positive, negative, ...
+(each label in file order) and drops what is left of the commoner label, so that the training
+clips, and any ``--limit`` of them, are half of each; the majority word (56% of SST-2's training
+rows are positive) is then not the best guess of a model that cannot read the sentences yet.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ FILES = {"train": "train.tsv", "val": "dev.tsv"}
 @dataclass
 class Sst2Options:
     max_words: int = 64  # longer sentences keep their first max_words tokens
-    balance: bool = False  # train split: as many negative as positive rows (the first of each)
+    balance: bool = False  # train split: negative and positive rows alternately, half of each
 
 
 class Sst2Builder(Builder):
@@ -68,19 +69,15 @@ class Sst2Builder(Builder):
 
 
 def balanced(items: list[Item]) -> list[Item]:
-    """The first N items of each label, in their order (N: the rarer label's count); rows whose
-    label cannot be read are kept, for ``example`` to quarantine."""
-    label = {id(it): it.data.rsplit("\t", 1)[-1].strip() for it in items}
-    n = min(sum(v == lab for v in label.values()) for lab in ("0", "1"))
-    kept, seen = [], {"0": 0, "1": 0}
+    """Rows of the two labels alternately (negative, positive, ...), each label in file order,
+    until the rarer one runs out: balanced however many ``--limit`` then keeps. Rows whose label
+    cannot be read come first, for ``example`` to quarantine."""
+    by_label: dict[str, list[Item]] = {"0": [], "1": []}
+    unreadable = []
     for it in items:
-        lab = label[id(it)]
-        if lab in seen:
-            if seen[lab] >= n:
-                continue
-            seen[lab] += 1
-        kept.append(it)
-    return kept
+        by_label.get(it.data.rsplit("\t", 1)[-1].strip(), unreadable).append(it)
+    pairs = zip(by_label["0"], by_label["1"])
+    return unreadable + [it for pair in pairs for it in pair]
 
 
 BUILDER = Sst2Builder
