@@ -11,7 +11,9 @@ from pathlib import Path
 
 import av
 import numpy as np
+from PIL import Image
 
+from evav.codec import sws_one_thread
 from evav.errors import BadInputError, check_nonempty_file
 from evav.frames.image import fit_image
 from evav.frames.spec import RenderSpec
@@ -78,7 +80,8 @@ def _decode_selected(container, stream, indices, spec):
     frames, n = [], 0
     for frame in container.decode(stream):
         if wanted is None or n in wanted:
-            frames.append(fit_image(frame.to_image(), spec.height, spec.width, spec.fit))
+            rgb = Image.fromarray(frame.to_ndarray(format="rgb24", **sws_one_thread()))
+            frames.append(fit_image(rgb, spec.height, spec.width, spec.fit))
         n += 1
         if last is not None and n > last and n >= 0.9 * (stream.frames or 0):
             break
