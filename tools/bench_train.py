@@ -235,7 +235,9 @@ gathering for ZeRO 3), not a speed-up. The small debug model is bound by per-ste
 show what other jobs left to each cell: on a machine shared with other work, a cell that ran
 while the load was high is slower, and a process with several OpenMP threads suffers more from
 busy cores than single-threaded processes do (every parallel region waits for its slowest
-thread), so compare rows with similar load.
+thread), so compare rows with similar load. (A run of this table at load 5-9 had the 1 x 2
+cells 5-10x slower than 2 x 1; on an idle machine they are level or faster, as above.) On CPU
+the optimizer is torch's AdamW (`engine.torch_adam`), which resumes bit for bit.
 """
 
 
