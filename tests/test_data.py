@@ -86,35 +86,41 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
                 assert x[k] == y[k], k
 
 
-def test_batches_have_shapes_masks_and_the_decoded_frames(shards):
-    ld = loader([shards[n] for n in NAMES], batch_size=6, clip_frames=8)
+@pytest.mark.parametrize("pad_to,num_workers", [("clip_frames", 0), ("longest", 0), ("longest", 1)])
+def test_batches_have_shapes_masks_and_the_decoded_frames(shards, pad_to, num_workers):
+    ld = loader([shards[n] for n in NAMES], batch_size=6, clip_frames=8, pad_to=pad_to,
+                num_workers=num_workers)
     meta = {n: samples_of(shards[n]) for n in NAMES}
     by_task = {t: n for n in NAMES for t in load_manifest(shards[n]).splits["train"].tasks}
-    seen = 0
+    seen, lengths = 0, set()
     for batch in take(ld, 6):
-        assert batch["frames"].shape == (6, 8, 64, 64, 3) and batch["frames"].dtype == torch.uint8
-        assert batch["loss_mask"].shape == batch["pad_mask"].shape == (6, 8)
+        clip_t = [min(meta[by_task[t]][k][0]["num_frames"], 8) for t, k in zip(batch["task"], batch["key"])]
+        bt = 8 if pad_to == "clip_frames" else max(clip_t)  # longest: no all-padding frame
+        lengths.add(bt)
+        assert batch["frames"].shape == (6, bt, 64, 64, 3) and batch["frames"].dtype == torch.uint8
+        assert batch["loss_mask"].shape == batch["pad_mask"].shape == (6, bt)
         assert batch["task_id"].tolist() == [ld.task_names.index(t) for t in batch["task"]]
         for i, (task, key) in enumerate(zip(batch["task"], batch["key"])):
             m, mp4 = meta[by_task[task]][key]
-            t = min(m["num_frames"], 8)
+            t = clip_t[i]
             pad, loss = batch["pad_mask"][i].numpy(), batch["loss_mask"][i].numpy()
-            assert pad.tolist() == [j >= t for j in range(8)]
+            assert pad.tolist() == [j >= t for j in range(bt)]
             assert not batch["frames"][i][t:].any()  # padding is black
             assert not (loss & pad).any()
             if m["supervise"] == "all":  # pretraining: every frame but the task frame
                 assert loss[:t].sum() >= t - 1
             else:  # the answer frames: the clip's last `output` frames (kept by cropping)
                 out = m["segments"]["output"]
-                assert loss.tolist() == [t - out <= j < t for j in range(8)]
+                assert loss.tolist() == [t - out <= j < t for j in range(bt)]
                 assert batch["answer"][i] == m["answer"]
             clip = decode_clip(mp4, "pyav")
             if m["num_frames"] <= 8:
                 assert np.array_equal(batch["frames"][i][:t].numpy(), clip)
             elif m["supervise"] != "all":
-                assert np.array_equal(batch["frames"][i].numpy(), clip[-8:])
+                assert np.array_equal(batch["frames"][i][:8].numpy(), clip[-8:])
             seen += 1
     assert seen == 36
+    assert len(lengths) > 1 if pad_to == "longest" else lengths == {8}
     assert set(ld.task_names) == set(by_task)
     assert ld.frame_size == (64, 64)
 
@@ -163,9 +169,10 @@ def test_datasets_cycle_independently(shards):
 
 @pytest.fixture(scope="module")
 def reference(shards):
-    """Six batches of a 3-dataset mix with no workers, uninterrupted."""
+    """Ten batches of a 3-dataset mix with no workers, uninterrupted (enough that every worker of
+    the resumed loaders below reuses its shared-memory slots, see evav/data/handoff.py)."""
     dirs = [shards["synthetic"], shards["fsdd"], shards["video"]]
-    return dirs, take(loader(dirs, batch_size=5, clip_frames=6, seed=3), 6)
+    return dirs, take(loader(dirs, batch_size=5, clip_frames=6, seed=3), 10)
 
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
@@ -177,7 +184,7 @@ def test_resume_after_n_batches_is_exact(reference, num_workers):
     assert len(json.dumps(state)) < 300  # positions and a seed, no data
     resumed = loader(dirs, batch_size=5, clip_frames=6, seed=3, num_workers=num_workers)
     resumed.load_state_dict([state])
-    assert_same_batches(head + take(resumed, 4), ref)
+    assert_same_batches(head + take(resumed, 8), ref)
 
 
 def run_ranks(dirs, world: int, batch_size: int, num_batches: int, states=None, saved_world=None):

@@ -91,7 +91,8 @@ def run_cell(data: Path, run_dir: Path, preset: str, zero: int, procs: int, thre
     """One training run; returns its step times and peak memory (or the error)."""
     train = ["-m", "evav.cli", "train", "configs/debug.yaml", f"data.train=[{data}]",
              f"run_dir={run_dir}", f"model.preset={preset}", f"engine.zero_stage={zero}",
-             f"micro_batch={micro_batch}", f"data.clip_frames={clip_frames}", f"steps={steps}",
+             f"micro_batch={micro_batch}", f"data.clip_frames={clip_frames}",
+             "data.pad_to=clip_frames", f"steps={steps}",
              "log_every=1", "val_every=0", "ckpt_every=0", "keep_last=1", "optim.warmup_steps=1",
              "metrics.enabled=false", "metrics.image_every=0"]
     cmd = [sys.executable, *train]

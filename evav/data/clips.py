@@ -11,7 +11,7 @@ Decoders (``DataConfig.decoder``), both through ``evav.codec.decode_clip``:
 - ``pyav`` (default): PyAV with FFmpeg's error log captured, so a corrupt clip is detected.
 - ``decord``: faster on FFV1, PyAV as fallback when it raises. For trusted shards only: decord
   conceals CRC errors and, on some corrupt mp4 headers, crashes the process (segfault), which no
-  ``try`` can catch (measured, see docs/bench_loader.md).
+  ``try`` can catch (measured, see docs/benchmarks.md, loader section).
 """
 
 from __future__ import annotations
@@ -34,9 +34,8 @@ class BadSample(ValueError):
 
 @dataclass
 class Sample:
-    frames: np.ndarray  # (T, H, W, 3) uint8, padded to the clip budget
+    frames: np.ndarray  # (T, H, W, 3) uint8, T <= the clip budget (the batch pads it)
     loss_mask: np.ndarray  # (T,) bool
-    pad_mask: np.ndarray  # (T,) bool, True on padding
     task: str
     key: str
     answer: str
@@ -88,7 +87,8 @@ def make_sample(
     seed: int,
     backend: str = "pyav",
 ) -> Sample:
-    """Decode and check one sample; crop or pad it to ``clip_frames``."""
+    """Decode and check one sample; crop it to at most ``clip_frames`` (padding is the batch's:
+    it writes each clip once, into its own buffer)."""
     if "mp4" not in members or "json" not in members:
         raise BadSample(f"missing member(s): has {sorted(members)}, needs mp4 and json")
     try:
@@ -110,10 +110,4 @@ def make_sample(
         if meta.get("supervise") == "all":
             start = int(rng(seed, "crop", key).integers(0, t - clip_frames + 1))
         frames, mask = frames[start : start + clip_frames], mask[start : start + clip_frames]
-        t = clip_frames
-    pad = np.zeros(clip_frames, dtype=bool)
-    if t < clip_frames:
-        frames = np.concatenate([frames, np.zeros((clip_frames - t, *frames.shape[1:]), np.uint8)])
-        mask = np.concatenate([mask, np.zeros(clip_frames - t, dtype=bool)])
-        pad[t:] = True
-    return Sample(frames, mask, pad, str(meta.get("task", "")), key, str(meta.get("answer", "")))
+    return Sample(frames, mask, str(meta.get("task", "")), key, str(meta.get("answer", "")))

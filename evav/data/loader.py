@@ -8,8 +8,10 @@ Stages (each a function or small class you can test alone):
     split            global batch of world*B slots -> this rank's B slots;
                      rank batches -> DataLoader workers round-robin                     (here)
     read             (shard, member) -> bytes, by seeking via a header index            (shards.py)
-    decode + check   decord (PyAV fallback), frame count vs metadata, crop/pad, masks   (clips.py)
-    batch            tensors: frames (B,T,H,W,3) uint8, loss_mask, pad_mask, task_id     (here)
+    decode + check   PyAV or decord, frame count vs metadata, crop, loss mask            (clips.py)
+    batch            pad (to the longest clip, or clip_frames): frames (B,T,H,W,3) uint8,
+                     loss_mask, pad_mask, task_id                                        (here)
+    hand off         a worker writes frames into a reused shared-memory slot             (handoff.py)
 
 State is tiny: the next global slot and, per dataset, how many samples it has supplied. It is
 the same on every rank, so a run resumes exactly with any number of workers, and with another
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +31,14 @@ import numpy as np
 import torch
 
 from evav.data.clips import DECODERS, BadSample, make_sample
+from evav.data.handoff import FrameSlots
 from evav.data.order import DatasetOrder, mix_choices
 from evav.data.shards import ShardReader, shard_paths
 from evav.manifest import Manifest, load_manifest
 
 log = logging.getLogger(__name__)
+
+_PREFETCH = 2  # batches each DataLoader worker prepares ahead
 
 
 @dataclass
@@ -40,7 +46,8 @@ class DataConfig:
     train: list[str] = field(default_factory=list)  # shard directories (each has manifest.json)
     weights: list[float] = field(default_factory=list)  # one per directory; empty: equal
     mix_by: Literal["samples", "frames"] = "samples"  # weights count samples, or frames
-    clip_frames: int = 16  # every clip is cropped/padded to this many frames
+    clip_frames: int = 16  # longer clips are cropped to this many frames
+    pad_to: Literal["longest", "clip_frames"] = "longest"  # batch length (clip_frames: one shape)
     num_workers: int = 0  # DataLoader worker processes per rank
     window: int = 4  # shards whose samples are shuffled together
     decoder: Literal["pyav", "decord"] = "pyav"  # decord: faster, trusted shards only (clips.py)
@@ -69,6 +76,8 @@ class Loader:
             )
         if cfg.decoder not in DECODERS:
             raise ValueError(f"data.decoder must be one of {DECODERS}, got {cfg.decoder!r}")
+        if cfg.pad_to not in ("longest", "clip_frames"):
+            raise ValueError(f"data.pad_to must be 'longest' or 'clip_frames', got {cfg.pad_to!r}")
         if cfg.mix_by not in ("samples", "frames"):
             raise ValueError(f"data.mix_by must be 'samples' or 'frames', got {cfg.mix_by!r}")
         if not 0 <= rank < world_size:
@@ -183,14 +192,20 @@ class Loader:
     def __iter__(self):
         if self._datasets is None:
             raise ValueError(f"split {self.split!r} is missing from some of {self.cfg.train}")
-        stream = _Stream(self, dict(self._state))
+        slots = None
+        if self.cfg.num_workers > 0:
+            h, w = self.frame_size
+            nbytes = self.batch_size * self.cfg.clip_frames * h * w * 3
+            slots = FrameSlots(self.cfg.num_workers, _PREFETCH + 1, nbytes)
+        stream = _Stream(self, dict(self._state), slots)
         if self.cfg.num_workers > 0:
             it = iter(
                 torch.utils.data.DataLoader(
                     stream,
                     batch_size=None,
                     num_workers=self.cfg.num_workers,
-                    prefetch_factor=2,
+                    prefetch_factor=_PREFETCH,
+                    collate_fn=_as_is,  # not default_convert: numpy arrays travel as bytes
                     worker_init_fn=_pin_worker if self.cfg.pin_workers else None,
                 )
             )
@@ -209,7 +224,7 @@ class Loader:
             for msg in meta["errors"]:
                 _log_bad(msg)
             if batch is not None:
-                yield batch
+                yield _to_torch(batch, slots)
 
 
 _bad_logged = 0
@@ -226,8 +241,8 @@ def _log_bad(msg: str) -> None:
 class _Stream(torch.utils.data.IterableDataset):
     """Yields ``(batch, meta)`` for one rank from a start state; worker w takes batches n = w mod W."""
 
-    def __init__(self, loader: Loader, start: dict):
-        self.loader, self.start = loader, start
+    def __init__(self, loader: Loader, start: dict, slots: FrameSlots | None = None):
+        self.loader, self.start, self.slots = loader, start, slots
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -271,8 +286,10 @@ class _Stream(torch.utils.data.IterableDataset):
                     s = self._fetch(reader, d, int(local[j]), meta)
                     if s is not None:
                         samples.append(s)
-                        meta["served"][d] += int((~s.pad_mask).sum()) if by_frames else 1
-                yield (_collate(samples, ld.task_ids) if samples else None), meta
+                        meta["served"][d] += len(s.frames) if by_frames else 1
+                pad = ld.cfg.clip_frames if ld.cfg.pad_to == "clip_frames" else None
+                alloc = partial(self.slots.take, wid) if info and self.slots else None
+                yield _collate(samples, ld.task_ids, pad, alloc), meta
             slot, counts, n = slot + g, running, n + 1
 
     def _fetch(self, reader: ShardReader, d: int, index: int, meta: dict):
@@ -299,6 +316,10 @@ class _Stream(torch.utils.data.IterableDataset):
             return None
 
 
+def _as_is(item):
+    return item
+
+
 def _pin_worker(worker_id: int) -> None:
     """Pin a DataLoader worker to one core, so workers do not migrate and share caches."""
     import os
@@ -316,16 +337,43 @@ def _sequential_choices(datasets, slot: int, g: int) -> np.ndarray:
     return d
 
 
-def _collate(samples, task_ids: dict[str, int]) -> dict:
+def _collate(samples, task_ids: dict[str, int], pad_to: int | None, alloc=None) -> dict | None:
+    """Pad the clips to ``pad_to`` frames (None: the longest clip) and stack them, writing each
+    frame once: into a new array, or in a worker into ``alloc(shape)``'s shared-memory slot
+    (whose handle the batch then carries instead of the frames, see handoff.py). Arrays stay numpy
+    here: they travel from a worker as bytes in the queue message, not as shared tensors."""
+    if not samples:
+        return None
+    b, t_max = len(samples), pad_to or max(len(s.frames) for s in samples)
+    shape = (b, t_max, *samples[0].frames.shape[1:])
+    frames, handle = alloc(shape) if alloc else (np.empty(shape, np.uint8), None)
+    loss_mask = np.zeros((b, t_max), dtype=bool)
+    pad_mask = np.ones((b, t_max), dtype=bool)
+    for i, s in enumerate(samples):
+        t = len(s.frames)
+        frames[i, :t] = s.frames
+        frames[i, t:] = 0
+        loss_mask[i, :t] = s.loss_mask
+        pad_mask[i, :t] = False
     return {
-        "frames": torch.from_numpy(np.stack([s.frames for s in samples])),
-        "loss_mask": torch.from_numpy(np.stack([s.loss_mask for s in samples])),
-        "pad_mask": torch.from_numpy(np.stack([s.pad_mask for s in samples])),
-        "task_id": torch.tensor([task_ids.get(s.task, 0) for s in samples], dtype=torch.long),
+        "frames": frames if handle is None else handle,
+        "loss_mask": loss_mask,
+        "pad_mask": pad_mask,
+        "task_id": np.array([task_ids.get(s.task, 0) for s in samples], dtype=np.int64),
         "task": [s.task for s in samples],
         "key": [s.key for s in samples],
         "answer": [s.answer for s in samples],
     }
+
+
+def _to_torch(batch: dict, slots: FrameSlots | None) -> dict:
+    """The consumer's side of ``_collate``: frames out of their slot, arrays as tensors."""
+    if isinstance(batch["frames"], tuple):
+        batch["frames"] = slots.receive(batch["frames"])
+    for k in ("frames", "loss_mask", "pad_mask", "task_id"):
+        if isinstance(batch[k], np.ndarray):
+            batch[k] = torch.from_numpy(batch[k])
+    return batch
 
 
 def _dataset_names(dirs: list[str]) -> list[str]:
