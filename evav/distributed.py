@@ -12,6 +12,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,6 +175,8 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfi
     import deepspeed
 
     ds = deepspeed_config(engine, optim, micro_batch, world_size)
+    if not ds["optimizer"]["params"].get("torch_adam"):
+        _arch_list_for_jit()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -182,6 +185,39 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfi
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
     )
     return eng, sched
+
+
+def input_dtype(engine) -> torch.dtype:
+    """The dtype to feed the engine: its parameters' (bf16 with ``precision: bf16``). DeepSpeed's
+    bf16 mode turns an outer ``torch.autocast`` off inside the engine, and on a GPU a float32
+    input to a bf16 layer is an error (CPU kernels accept the mix, so only a GPU showed it)."""
+    return next(engine.module.parameters()).dtype
+
+
+def _arch_list_for_jit() -> None:
+    """Set ``TORCH_CUDA_ARCH_LIST`` to one DeepSpeed's JIT build of its fused Adam can read."""
+    if torch.cuda.is_available():
+        given = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+        fixed = jit_arch_list(given, torch.cuda.get_device_capability())
+        if given.strip() and fixed != given:
+            log.warning("TORCH_CUDA_ARCH_LIST=%r: DeepSpeed's JIT build cannot parse arch-specific "
+                        "suffixes; building its fused Adam for %r", given, fixed)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+
+
+def jit_arch_list(given: str, capability: tuple[int, int]) -> str:
+    """``TORCH_CUDA_ARCH_LIST`` for DeepSpeed's JIT builds: ``given`` without arch-specific
+    suffixes, or this GPU's ``capability`` when ``given`` is empty.
+
+    DeepSpeed 0.19 parses each entry as numbers and crashes on targets such as ``9.0a``
+    (``ValueError: invalid literal for int() with base 10: '0a'``), which CUDA images for Hopper
+    set (seen on an H200). The suffix only enables Hopper-only instructions that an elementwise
+    optimizer kernel does not use."""
+    entries = [e for e in given.replace(" ", ";").split(";") if e.strip()]
+    if not entries:
+        return f"{capability[0]}.{capability[1]}"
+    fixed = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", e.strip()) for e in entries]
+    return given if fixed == entries else ";".join(dict.fromkeys(fixed))
 
 
 def barrier() -> None:

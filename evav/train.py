@@ -143,7 +143,7 @@ def train(cfg: TrainConfig) -> dict:
                 batch = next(batches)
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                    pred = engine(frames_BTHWC)
+                    pred = engine(frames_BTHWC.to(dist.input_dtype(engine)))
                 loss, per_task = next_frame_loss(pred, frames_BTHWC, batch["loss_mask"].to(device),
                                                  batch["pad_mask"].to(device),
                                                  batch["task_id"].to(device))
@@ -226,7 +226,7 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
                 break
             frames = batch["frames"].to(device).float().div_(255)
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                pred = engine(frames)
+                pred = engine(frames.to(dist.input_dtype(engine)))
             _, per_task = next_frame_loss(pred, frames, batch["loss_mask"].to(device),
                                           batch["pad_mask"].to(device), batch["task_id"].to(device))
             _add_task_losses(sums, per_task)

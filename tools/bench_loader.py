@@ -1,6 +1,7 @@
 """Benchmark evav.data: bare decode loop vs the full loader with 0, 1 and 2 workers, decord vs PyAV.
 
     python tools/bench_loader.py [--datasets ../shared/datasets] [--seconds 4] [--out docs/benchmarks.md]
+    python tools/bench_loader.py --shards DIR   # shards an earlier run kept (--keep DIR)
 
 Builds small shards (fsdd, sst2, video, synthetic slices, as tests/test_data.py) into a temporary
 folder, then measures decoded frames per second for:
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -88,18 +90,28 @@ def full(
     return frames / dt
 
 
-def run(datasets: Path, seconds: float, out: Path) -> str:
+def run(datasets: Path, seconds: float, out: Path, shards: Path | None = None,
+        keep: Path | None = None, repeats: int = 3) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = build(datasets, Path(tmp))
-        rows, res = [], {}
+        if shards:
+            dirs = [shards / n for n in ("fsdd", "sst2", "video", "synthetic")]
+        else:
+            dirs = build(datasets, keep or Path(tmp))
+        cells = {
+            "a": lambda dec: bare(dirs, dec, seconds),
+            "b0": lambda dec: full(dirs, dec, 0, False, seconds),
+            "b1": lambda dec: full(dirs, dec, 1, False, seconds),
+            "bfix": lambda dec: full(dirs, dec, 1, False, seconds, "clip_frames"),
+            "c": lambda dec: full(dirs, dec, 2, False, seconds),
+            "cp": lambda dec: full(dirs, dec, 2, True, seconds),
+        }
+        rows = []
         for dec in ("decord", "pyav"):
-            res[dec, "a"] = bare(dirs, dec, seconds)
-            for w in (0, 1):
-                res[dec, f"b{w}"] = full(dirs, dec, w, False, seconds)
-            res[dec, "bfix"] = full(dirs, dec, 1, False, seconds, "clip_frames")
-            res[dec, "c"] = full(dirs, dec, 2, False, seconds)
-            res[dec, "cp"] = full(dirs, dec, 2, True, seconds)
-            r = {k: v for (d, k), v in res.items() if d == dec}
+            runs = {k: [] for k in cells}
+            for _ in range(repeats):  # round-robin, so a busy spell hits every cell alike
+                for k, cell in cells.items():
+                    runs[k].append(cell(dec))
+            r = {k: statistics.median(v) for k, v in runs.items()}
             rows.append(
                 f"| {dec} | {r['a']:.0f} | {r['b0']:.0f} | {r['b1']:.0f} | {r['bfix']:.0f} "
                 f"| {r['c']:.0f} | {r['cp']:.0f} "
@@ -114,7 +126,7 @@ def run(datasets: Path, seconds: float, out: Path) -> str:
 4-49 frames at 64x64; FFV1, video H.264 4:4:4 qp 0), mixed with equal weights, batch 8,
 clip_frames 32 (a few SST-2 clips are longer and cropped), batches padded to their longest clip
 (`data.pad_to`, default `longest`) unless the column says `clip_frames`. Decoded (unpadded)
-frames per second, {seconds:.0f} s per cell, one run per cell.
+frames per second, median of {repeats} runs of {seconds:.0f} s per cell (cells taken in turn).
 
 | decoder | (a) bare decode | (b) loader, 0 workers | (b) loader, 1 worker | (b) 1 worker, pad_to clip_frames | (c) 2 workers | (c) 2 workers, pinned | (b)/(a), goal >= 0.85: 1 worker (0 workers) | (c)/(b), goal >= 1.8: unpinned (pinned) |
 |---|---|---|---|---|---|---|---|---|
@@ -156,5 +168,8 @@ if __name__ == "__main__":
     p.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--shards", type=Path, help="use the shards in DIR (from --keep), build none")
+    p.add_argument("--keep", type=Path, help="build the shards into DIR and keep them")
+    p.add_argument("--repeats", type=int, default=3, help="runs per cell (the table: medians)")
     a = p.parse_args()
-    print(run(a.datasets, a.seconds, a.out))
+    print(run(a.datasets, a.seconds, a.out, a.shards, a.keep, a.repeats))

@@ -16,7 +16,7 @@ step time is the median of the trainer's own ``speed/step_s`` over the remaining
 - peak: a timed large matmul in this process, on as many threads as the runs use in all (on CPU
   each of N processes gets cores/N threads): fp32 and bf16 at the start, and bf16 again just
   before each cell (its column shows what other jobs on a shared machine left to the cell).
-  The runs train in bf16 autocast, so "of peak" is against the highest bf16 figure measured,
+  The runs train in bf16, so "of peak" is against the highest bf16 figure measured,
   the closest to what the machine can do. With --peak-flops (a device's nominal dense bf16
   peak, e.g. 989e12 for an H100/H200) the table also has MFU against it.
 
@@ -85,14 +85,43 @@ def build_data(root: Path) -> Path:
     return out
 
 
+def flash_check(preset: str, micro_batch: int, clip_frames: int) -> str:
+    """Whether the model's attention runs on the flash kernels in bf16: a forward and backward
+    with only SDPA's flash backend allowed (an error if it cannot serve a call), timed against
+    the math backend. A sentence for the table's notes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build_model(ModelConfig(preset=preset)).cuda()
+    x = torch.rand(micro_batch, clip_frames, 64, 64, 3, device="cuda")
+
+    def step_ms(backend) -> float:
+        with sdpa_kernel([backend]), torch.autocast("cuda", dtype=torch.bfloat16):
+            for i in range(8):  # 3 warm-up, 5 timed
+                if i == 3:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                model(x).float().square().mean().backward()
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 5 * 1e3
+
+    try:
+        flash = step_ms(SDPBackend.FLASH_ATTENTION)
+    except RuntimeError as e:
+        return f"Flash attention: NOT usable for preset {preset} ({str(e).splitlines()[0][:120]})."
+    math = step_ms(SDPBackend.MATH)
+    return (f"Flash attention: preset {preset}'s forward + backward ({micro_batch} clips) ran with "
+            f"only SDPA's flash backend allowed, {flash:.1f} ms against {math:.1f} ms on the math "
+            f"backend ({math / flash:.1f}x).")
+
+
 def run_cell(data: Path, run_dir: Path, preset: str, zero: int, procs: int, threads: int,
              micro_batch: int, clip_frames: int, steps: int, device: str,
-             timeout_s: float) -> dict:
+             timeout_s: float, workers: int = 0) -> dict:
     """One training run; returns its step times and peak memory (or the error)."""
     train = ["-m", "evav.cli", "train", "configs/debug.yaml", f"data.train=[{data}]",
              f"run_dir={run_dir}", f"model.preset={preset}", f"engine.zero_stage={zero}",
              f"micro_batch={micro_batch}", f"data.clip_frames={clip_frames}",
-             "data.pad_to=clip_frames", f"steps={steps}",
+             "data.pad_to=clip_frames", f"data.num_workers={workers}", f"steps={steps}",
              "log_every=1", "val_every=0", "ckpt_every=0", "keep_last=1", "optim.warmup_steps=1",
              "metrics.enabled=false", "metrics.image_every=0"]
     cmd = [sys.executable, *train]
@@ -127,6 +156,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int,
                     help="clips per process per step (default: per preset)")
     ap.add_argument("--clip-frames", type=int, default=8)
+    ap.add_argument("--workers", type=int, help="loader workers per process (default 0 cpu, 4 cuda)")
     ap.add_argument("--steps", type=int, help="timed steps (default 3 on cpu, 30 on cuda)")
     ap.add_argument("--warmup", type=int, help="untimed first steps (default 2 on cpu, 10 on cuda)")
     ap.add_argument("--peak-flops", type=float, default=0.0,
@@ -143,6 +173,7 @@ def main() -> None:
     procs_list = [int(p) for p in args.procs.split(",")]
     steps = args.steps or (30 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    args.workers = args.workers if args.workers is not None else (4 if cuda else 0)
     cores = len(os.sched_getaffinity(0))
     start = time.time()
     if cuda and max(procs_list) > torch.cuda.device_count():
@@ -154,6 +185,10 @@ def main() -> None:
     print(f"matmul peak on {peak_threads} threads: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, "
           f"bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s", flush=True)
 
+    flash = flash_check(presets[0], args.micro_batch or MICRO_BATCH.get(presets[0], 4),
+                        args.clip_frames) if cuda else ""
+    if flash:
+        print(flash, flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         data = args.data or build_data(Path(tmp))
@@ -170,7 +205,8 @@ def main() -> None:
                     run_dir = Path(tmp) / f"{preset}-z{zero}-p{procs}"
                     t0 = time.perf_counter()
                     res = run_cell(data, run_dir, preset, zero, procs, threads, mb,
-                                   args.clip_frames, warmup + steps, args.device, args.timeout)
+                                   args.clip_frames, warmup + steps, args.device, args.timeout,
+                                   args.workers)
                     row = {"preset": preset, "params_m": params_m, "zero": zero, "procs": procs,
                            "threads": threads, "micro_batch": mb, "load": load, "peak": cell_peak,
                            "wall_s": time.perf_counter() - t0, **res}
@@ -185,17 +221,17 @@ def main() -> None:
                     print(json.dumps({k: v for k, v in row.items() if k != "step_s"} |
                                      {"step_s": row.get("step_s")}), flush=True)
 
-    md = section(rows, peak, peak_threads, args, cores, steps, warmup, time.time() - start)
+    md = section(rows, peak, peak_threads, args, cores, steps, warmup, time.time() - start, flash)
     print(md)
     if not args.no_write:
-        write_section("train", md)
+        write_section("train" if not cuda else "train-cuda", md)
 
 
-def section(rows, peak, peak_threads, args, cores, steps, warmup, wall) -> str:
+def section(rows, peak, peak_threads, args, cores, steps, warmup, wall, flash="") -> str:
     mfu = bool(args.peak_flops)
     head = ("| preset | params | ZeRO | procs x threads | clips/proc | load (1 min) "
             "| bf16 peak GFLOP/s | step s | steps/s | frames/s | achieved GFLOP/s | of peak |"
-            + (" MFU |" if mfu else "") + " peak mem GB |")
+            + (" MFU |" if mfu else "") + " peak mem GB | data wait |")
     sep = "|---" * (head.count("|") - 1) + "|"
     lines = [head, sep]
     best = max([peak["bf16"]] + [r["peak"] for r in rows])
@@ -204,32 +240,38 @@ def section(rows, peak, peak_threads, args, cores, steps, warmup, wall) -> str:
                  f"{r['procs']} x {r['threads']}", str(r["micro_batch"]), f"{r['load']:.1f}",
                  f"{r['peak'] / 1e9:,.0f}"]
         if "error" in r:
-            cells += [f"failed: {r['error']}"] + [""] * (5 + mfu)
+            cells += [f"failed: {r['error']}"] + [""] * (6 + mfu)
         else:
             cells += [f"{r['step_s']:.3f}", f"{r['steps_per_s']:.2f}", f"{r['frames_per_s']:,.0f}",
                       f"{r['flops'] / 1e9:,.1f}", f"{r['flops'] / best:.1%}"]
             cells += [f"{r['mfu']:.1%}"] if mfu else []
-            cells += [f"{r['mem_gb']:.2f}"]
+            cells += [f"{r['mem_gb']:.2f}", f"{r['wait']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
     device = (torch.cuda.get_device_name(0) if args.device == "cuda"
               else f"CPU, {cores} cores usable")
     data = f"the shards in {args.data}" if args.data else "synthetic shards"
     n = 8192 if args.device == "cuda" else 2048
     mfu_note = f" MFU is against a nominal {args.peak_flops:.3g} FLOP/s per device." if mfu else ""
-    return f"""## Training throughput (`tools/bench_train.py`)
+    title = "Training throughput" + (" on a GPU" if args.device == "cuda" else "")
+    reading = READING_CUDA if args.device == "cuda" else READING_CPU
+    return f"""## {title} (`tools/bench_train.py`)
 
-{machine()}; {device}. `evav train` on {data}, bf16 autocast, AdamW,
+{machine()}; {device}. `evav train` on {data}, bf16 (DeepSpeed bf16: fp32 master weights), AdamW,
 clips of {args.clip_frames} frames at 64x64; each cell is one run of {warmup} untimed +
 {steps} timed steps (median step time; {wall / 60:.1f} min for the table). frames/s counts every frame computed
 on (padding included); achieved FLOP/s = `train_flops_per_frame` (matmuls + attention, forward
 and backward) x frames/s. Matmul peak: a timed {n}x{n} matmul on {peak_threads} threads, at the
 start (fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s) and in bf16
 just before each cell (its column); "of peak" is against the highest bf16 figure,
-{best / 1e9:,.0f} GFLOP/s.{mfu_note}
+{best / 1e9:,.0f} GFLOP/s.{mfu_note} Loader: {args.workers} worker(s) per process; "data wait" is
+the median share of a step spent waiting for the next batch (`data/wait_frac`). {flash}
 
 {chr(10).join(lines)}
 
-Reading: two processes share the same cores as one (each gets half the threads), so on CPU they
+{reading}"""
+
+
+READING_CPU = """Reading: two processes share the same cores as one (each gets half the threads), so on CPU they
 measure the cost of data parallelism and ZeRO partitioning (gradient reduction, parameter
 gathering for ZeRO 3), not a speed-up. The small debug model is bound by per-step overhead
 (DeepSpeed, gloo collectives, Python) more than by matmuls. The load and per-cell peak columns
@@ -239,6 +281,16 @@ busy cores than single-threaded processes do (every parallel region waits for it
 thread), so compare rows with similar load. (A run of this table at load 5-9 had the 1 x 2
 cells 5-10x slower than 2 x 1; on an idle machine they are level or faster, as above.) On CPU
 the optimizer is torch's AdamW (`engine.torch_adam`), which resumes bit for bit.
+"""
+
+READING_CUDA = """Reading: one GPU, so the ZeRO stages measure their own overhead (partitioning,
+gathering for ZeRO 3) with nothing to gain from sharding. The clips are small (64 tokens a frame,
+8 frames a clip), so the attention sequences are 64 (spatial) and 8 (temporal) long: at such
+lengths the flash kernels are no faster than the math backend (the note above), kernels are
+small, and per-step overhead weighs more than it would at real frame sizes; MFU here is a floor,
+not what the model reaches on 256x256 frames. "data wait" near 0 says the loader (4 workers,
+PyAV) keeps the GPU fed at these step rates. The first cell's wall time includes DeepSpeed's
+JIT build of its fused Adam (about 40 s, cached for the later cells).
 """
 
 

@@ -46,7 +46,7 @@ NOTES = {
     "ModelConfig.init_std": "standard deviation of the initial linear weights",
     "EngineConfig.zero_stage": "DeepSpeed ZeRO: 0 none, 1 optimizer states, 2 + gradients, "
     "3 + parameters sharded over ranks",
-    "EngineConfig.precision": "bf16: autocast and bf16 engine; fp32: full precision",
+    "EngineConfig.precision": "bf16: DeepSpeed bf16 (bf16 weights, fp32 master copy); fp32: full",
     "EngineConfig.grad_accum_steps": "micro-batches per optimizer step",
     "OptimConfig.lr": "peak learning rate",
     "OptimConfig.betas": "AdamW betas",
