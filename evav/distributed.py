@@ -274,6 +274,14 @@ def load_engine(engine, directory: Path, tag: str) -> None:
                                      load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
+    sched = engine.lr_scheduler
+    if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        # The optimizer's lr is the saved run's: its schedule's value at the saved step. This run's
+        # schedule may differ (a run extended with a larger `steps`), so the next update must use
+        # this run's value at that step. Same schedule: the same float, so resume stays exact.
+        for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * f(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 def destroy() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from evav import checkpoint
@@ -141,6 +142,24 @@ def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(synthetic, 
     assert sorted(Path(f.path).name for f in logged) == pngs
     sheet = np.asarray(Image.open(cut / "images" / "pred_vs_true" / pngs[-1]))
     assert sheet.shape[0] == 2 * (64 + 2) + 2 and sheet.shape[1] >= 64 + 4 and sheet.shape[2] == 3
+
+
+def test_a_finished_run_extended_with_more_steps_follows_the_new_schedule(synthetic, tmp_path):
+    """steps=4 ends its cosine at lr 0 (min_lr_ratio=0); rerun with steps=8, the first resumed
+    update must use the new schedule's lr at step 4, not the 0 the old one left in the optimizer."""
+    from evav.distributed import consolidated_state_dict
+
+    run = tmp_path / "run"
+    args = ["ckpt_every=1", "keep_last=8", "optim.min_lr_ratio=0", "optim.warmup_steps=1"]
+    first = run_train(run, synthetic, "steps=4", *args)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    more = run_train(run, synthetic, "steps=8", *args)
+    assert more.returncode == 0 and "resumed from" in more.stdout, more.stdout[-3000:]
+    lr = {r["step"]: r["train/lr"] for r in read_metrics(run) if "train/lr" in r}
+    assert lr[4] == 0.0 and lr[5] > 0.0  # lr after each step's update: the schedule moved on
+    w4, w5 = (consolidated_state_dict(run / "checkpoints" / f"step_{s:08d}", "engine") for s in (4, 5))
+    changed = [k for k in w4 if not torch.equal(w4[k], w5[k])]
+    assert len(changed) == len(w4), f"update 5 left {len(w4) - len(changed)} tensors unchanged"
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
