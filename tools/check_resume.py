@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evav.metrics import read_metrics  # noqa: E402
+from tools.bench_train import build_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,23 +41,7 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more key=value overrides for both runs")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="check_resume-") as tmp:
-        data = Path(tmp) / "synthetic"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "evav.cli",
-                "preprocess",
-                "synthetic",
-                "--out",
-                str(data),
-                "train_per_task=24",
-                "val_per_task=2",
-            ],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
+        data = build_data(Path(tmp))  # synthetic shards, as the training bench
         args = [
             sys.executable,
             "-m",
