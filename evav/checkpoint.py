@@ -58,8 +58,16 @@ def latest(run_dir: str | Path) -> Path | None:
     return done[-1][1] if done else None
 
 
-def save(engine, run_dir: Path, step: int, state: dict[str, Any], config_yaml: str,
-         is_main: bool, keep_last: int = 2, keep_every: int = 0) -> Path:
+def save(
+    engine,
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    config_yaml: str,
+    is_main: bool,
+    keep_last: int = 2,
+    keep_every: int = 0,
+) -> Path:
     """Write a checkpoint collectively (every rank calls this) and commit it."""
     path = step_dir(run_dir, step)
     if is_main and path.exists():
@@ -95,7 +103,7 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def _prune(run_dir: Path, keep_last: int, keep_every: int) -> None:
     done = complete_checkpoints(run_dir)
-    keep = {p for _, p in done[-max(1, keep_last):]}
+    keep = {p for _, p in done[-max(1, keep_last) :]}
     keep |= {p for s, p in done if keep_every and s % keep_every == 0}
     newest = done[-1][0] if done else -1
     for _, p in done:

@@ -70,14 +70,23 @@ def launch_env() -> DistEnv:
     """Rank and world from torchrun/deepspeed (RANK, WORLD_SIZE) or Slurm srun (SLURM_PROCID)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)),
-                       "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
-                       int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _slurm_first_host(env["SLURM_JOB_NODELIST"]),
-                       int(env.get("MASTER_PORT", 29500)), "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or _slurm_first_host(env["SLURM_JOB_NODELIST"]),
+            int(env.get("MASTER_PORT", 29500)),
+            "slurm",
+        )
     # Not launched: a group of one on a free loopback port (29500 may be taken by another job)
     return DistEnv(master_port=int(env.get("MASTER_PORT") or _free_port()))
 
@@ -91,8 +100,9 @@ def _free_port() -> int:
 
 
 def _slurm_first_host(nodelist: str) -> str:
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
     return out.stdout.split()[0]
 
 
@@ -101,16 +111,23 @@ def init(cfg: EngineConfig, timeout_min: float = 30) -> DistEnv:
     import deepspeed
 
     denv = launch_env()
-    os.environ.update(RANK=str(denv.rank), WORLD_SIZE=str(denv.world_size),
-                      LOCAL_RANK=str(denv.local_rank), MASTER_ADDR=denv.master_addr,
-                      MASTER_PORT=str(denv.master_port))
+    os.environ.update(
+        RANK=str(denv.rank),
+        WORLD_SIZE=str(denv.world_size),
+        LOCAL_RANK=str(denv.local_rank),
+        MASTER_ADDR=denv.master_addr,
+        MASTER_PORT=str(denv.master_port),
+    )
     backend = cfg.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(denv.local_rank)
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_min))
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_min),
+    )
     return denv
 
 
@@ -120,8 +137,9 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int,
-                     world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    engine: EngineConfig, optim: OptimConfig, micro_batch: int, world_size: int
+) -> dict[str, Any]:
     """The DeepSpeed config dict, generated from evav's config (nothing else is hand-kept)."""
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -132,9 +150,15 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch: int,
         "wall_clock_breakdown": False,
         "zero_optimization": {"stage": engine.zero_stage},
         "bf16": {"enabled": engine.precision == "bf16"},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
-            "weight_decay": optim.weight_decay}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": 1e-8,
+                "weight_decay": optim.weight_decay,
+            },
+        },
     }
     torch_adam = engine.torch_adam
     if torch_adam is None:
@@ -164,13 +188,21 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
         if step < optim.warmup_steps:
             return (step + 1) / max(1, optim.warmup_steps)
         progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     return f
 
 
-def build_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfig,
-                 micro_batch: int, total_steps: int, world_size: int):
+def build_engine(
+    model: torch.nn.Module,
+    engine: EngineConfig,
+    optim: OptimConfig,
+    micro_batch: int,
+    total_steps: int,
+    world_size: int,
+):
     """Wrap ``model`` in a DeepSpeed engine with AdamW and the warmup-cosine schedule."""
     import deepspeed
 
@@ -181,8 +213,12 @@ def build_engine(model: torch.nn.Module, engine: EngineConfig, optim: OptimConfi
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     eng, _, _, sched = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps)),
+        model=model,
+        model_parameters=groups,
+        config=ds,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(optim, total_steps)
+        ),
     )
     return eng, sched
 
@@ -200,8 +236,12 @@ def _arch_list_for_jit() -> None:
         given = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
         fixed = jit_arch_list(given, torch.cuda.get_device_capability())
         if given.strip() and fixed != given:
-            log.warning("TORCH_CUDA_ARCH_LIST=%r: DeepSpeed's JIT build cannot parse arch-specific "
-                        "suffixes; building its fused Adam for %r", given, fixed)
+            log.warning(
+                "TORCH_CUDA_ARCH_LIST=%r: DeepSpeed's JIT build cannot parse arch-specific "
+                "suffixes; building its fused Adam for %r",
+                given,
+                fixed,
+            )
         os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
@@ -259,7 +299,9 @@ def grad_norm(engine) -> float | None:
     """
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
-    grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    grads = [
+        p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
+    ]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
@@ -270,8 +312,9 @@ def save_engine(engine, directory: Path, tag: str) -> None:
 
 def load_engine(engine, directory: Path, tag: str) -> None:
     """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails."""
-    path, _ = engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    path, _ = engine.load_checkpoint(
+        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     sched = engine.lr_scheduler

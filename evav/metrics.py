@@ -78,9 +78,14 @@ def sqlite_artifact_location(tracking_uri: str, experiment: str) -> str | None:
 class MetricsLogger:
     """Rank-0 metrics sink: jsonl always, MLflow in the background."""
 
-    def __init__(self, run_dir: str | Path, cfg: MetricsConfig | None = None,
-                 params: dict[str, Any] | None = None, run_name: str | None = None,
-                 run_id: str | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: MetricsConfig | None = None,
+        params: dict[str, Any] | None = None,
+        run_name: str | None = None,
+        run_id: str | None = None,
+    ):
         """``run_id``: the MLflow run to continue (from a checkpoint); default: the run dir's."""
         self.cfg = cfg or MetricsConfig()
         self.run_dir = Path(run_dir)
@@ -102,7 +107,9 @@ class MetricsLogger:
     # -- public ----------------------------------------------------------------------------
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record metrics for ``step``: appended to metrics.jsonl now, to MLflow soon."""
-        clean = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        clean = {
+            k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        }
         record = {"step": int(step), "time": time.time(), **clean}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -140,8 +147,9 @@ class MetricsLogger:
         """Send what MLflow has not yet taken and end the run with ``status`` (FINISHED, FAILED,
         KILLED), waiting up to ``close_timeout_s``; then stop. A second call does nothing."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
-            raise ValueError(f"MLflow run status must be FINISHED, FAILED or KILLED, not "
-                             f"{status!r}")
+            raise ValueError(
+                f"MLflow run status must be FINISHED, FAILED or KILLED, not {status!r}"
+            )
         if self._closed:
             return
         self._closed = True
@@ -149,8 +157,10 @@ class MetricsLogger:
             self._queue.put(("close", status))
             self._thread.join(self.cfg.close_timeout_s)
             if self._thread.is_alive():
-                log.warning("MLflow: gave up sending after %.0f s; metrics.jsonl is complete",
-                            self.cfg.close_timeout_s)
+                log.warning(
+                    "MLflow: gave up sending after %.0f s; metrics.jsonl is complete",
+                    self.cfg.close_timeout_s,
+                )
             self._thread = None
         self._jsonl.close()
 
@@ -158,7 +168,9 @@ class MetricsLogger:
     def _sender(self) -> None:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-        pending: list[tuple[str, Any]] = [("open", None)]  # first contact now: create/reopen the run
+        pending: list[tuple[str, Any]] = [
+            ("open", None)
+        ]  # first contact now: create/reopen the run
         closing, backoff, next_try, warned = False, 1.0, 0.0, False
         while not (closing and not pending):
             try:
@@ -183,9 +195,13 @@ class MetricsLogger:
             except Exception as e:  # noqa: BLE001 - any failure: keep the batch, retry later
                 self._contacted.set()  # nobody waits for a store that is not there
                 if not warned:
-                    log.warning("MLflow at %s unreachable (%s: %s); retrying in the background, "
-                                "metrics.jsonl keeps everything", self.tracking_uri,
-                                type(e).__name__, str(e)[:200])
+                    log.warning(
+                        "MLflow at %s unreachable (%s: %s); retrying in the background, "
+                        "metrics.jsonl keeps everything",
+                        self.tracking_uri,
+                        type(e).__name__,
+                        str(e)[:200],
+                    )
                     warned = True
                 next_try = time.monotonic() + (1.0 if closing else backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -206,8 +222,13 @@ class MetricsLogger:
         if self.run_id is None:
             name = self.cfg.experiment
             exp = client.get_experiment_by_name(name)
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                name, sqlite_artifact_location(self.tracking_uri, name))
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else client.create_experiment(
+                    name, sqlite_artifact_location(self.tracking_uri, name)
+                )
+            )
             run = client.create_run(exp_id, run_name=self._run_name)
             self.run_id = run.info.run_id
             _write_atomic(self.run_dir / "mlflow_run_id", self.run_id)
@@ -226,8 +247,12 @@ class MetricsLogger:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            log.warning("MLflow run %s (from %s) is not in %s; starting a new run", self.run_id,
-                        self.run_dir, self.tracking_uri)
+            log.warning(
+                "MLflow run %s (from %s) is not in %s; starting a new run",
+                self.run_id,
+                self.run_dir,
+                self.tracking_uri,
+            )
             self.run_id = None
             return
         if run.info.status != "RUNNING":
@@ -237,8 +262,12 @@ class MetricsLogger:
         self._log_params(client, {k: v for k, v in new.items() if k not in old})
         changed = {k: v for k, v in new.items() if k in old and old[k] != v}
         if changed:
-            log.warning("MLflow params are immutable: run %s keeps its values of %s; the new ones "
-                        "are tags changed_param.KEY", self.run_id, ", ".join(sorted(changed)))
+            log.warning(
+                "MLflow params are immutable: run %s keeps its values of %s; the new ones "
+                "are tags changed_param.KEY",
+                self.run_id,
+                ", ".join(sorted(changed)),
+            )
             tags = [RunTag(f"changed_param.{k}", v) for k, v in sorted(changed.items())]
             for i in range(0, len(tags), 100):
                 client.log_batch(self.run_id, tags=tags[i : i + 100])
@@ -256,9 +285,13 @@ class MetricsLogger:
 
         run_id = self._ensure_run()
         client = self._client()
-        metrics = [Metric(k, v, int(r["time"] * 1000), r["step"])
-                   for kind, r in items if kind == "metrics"
-                   for k, v in r.items() if k not in ("step", "time")]
+        metrics = [
+            Metric(k, v, int(r["time"] * 1000), r["step"])
+            for kind, r in items
+            if kind == "metrics"
+            for k, v in r.items()
+            if k not in ("step", "time")
+        ]
         for i in range(0, len(metrics), 900):
             client.log_batch(run_id, metrics=metrics[i : i + 900])
         for kind, payload in items:

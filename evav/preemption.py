@@ -53,8 +53,9 @@ def requeue_slurm_job(timeout_s: float = 60.0) -> bool:
         log.warning("preempted outside Slurm: not requeueing; rerun the same command to resume")
         return False
     try:  # no shell; bounded, so an unreachable slurmctld cannot hang the grace period away
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=timeout_s
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         log.error("scontrol requeue %s failed: %s", job, e)
         return False

@@ -63,7 +63,9 @@ class TrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a preemption signal after a checkpoint; rerun to resume
+PREEMPTED_EXIT = (
+    75  # EX_TEMPFAIL: stopped on a preemption signal after a checkpoint; rerun to resume
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -90,24 +92,40 @@ def train(cfg: TrainConfig) -> dict:
             (run_dir / "config.yaml").write_text(config_yaml)
 
         # -- data ------------------------------------------------------------------------
-        loader = Loader(cfg.data, split="train", rank=denv.rank, world_size=denv.world_size,
-                        batch_size=cfg.micro_batch, seed=cfg.seed)
+        loader = Loader(
+            cfg.data,
+            split="train",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            batch_size=cfg.micro_batch,
+            seed=cfg.seed,
+        )
         val_loader = None
         if cfg.val_every and loader.has_split("val"):
-            val_loader = Loader(cfg.data, split="val", rank=denv.rank, world_size=denv.world_size,
-                                batch_size=cfg.micro_batch, seed=cfg.seed, infinite=False)
+            val_loader = Loader(
+                cfg.data,
+                split="val",
+                rank=denv.rank,
+                world_size=denv.world_size,
+                batch_size=cfg.micro_batch,
+                seed=cfg.seed,
+                infinite=False,
+            )
         tasks = loader.task_names
 
         # -- model and engine -----------------------------------------------------------
         if (cfg.model.height, cfg.model.width) != tuple(loader.frame_size):
-            raise ValueError(f"model.height/width {cfg.model.height}x{cfg.model.width} do not match "
-                             f"the data's frames {loader.frame_size[0]}x{loader.frame_size[1]}")
+            raise ValueError(
+                f"model.height/width {cfg.model.height}x{cfg.model.width} do not match "
+                f"the data's frames {loader.frame_size[0]}x{loader.frame_size[1]}"
+            )
         model = build_model(cfg.model)
         mcfg = cfg.model.resolved()
         flops_frame = train_flops_per_frame(mcfg, cfg.data.clip_frames)
         tokens_per_frame = (mcfg.height // mcfg.patch_size) * (mcfg.width // mcfg.patch_size)
-        engine, sched = dist.build_engine(model, cfg.engine, cfg.optim, cfg.micro_batch,
-                                          cfg.steps, denv.world_size)
+        engine, sched = dist.build_engine(
+            model, cfg.engine, cfg.optim, cfg.micro_batch, cfg.steps, denv.world_size
+        )
         amp = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
         # -- resume ----------------------------------------------------------------------
@@ -126,7 +144,9 @@ def train(cfg: TrainConfig) -> dict:
         if denv.is_main:
             metrics = MetricsLogger(run_dir, cfg.metrics, params=to_dict(cfg), run_id=mlflow_run_id)
             stack.push(_end_mlflow_run(metrics))  # FINISHED, or FAILED on an exception
-            metrics.set_tags({"render_hash": loader.render_hash, "world_size": str(denv.world_size)})
+            metrics.set_tags(
+                {"render_hash": loader.render_hash, "world_size": str(denv.world_size)}
+            )
             metrics.log_artifact(run_dir / "config.yaml", "config")
 
         # -- loop ------------------------------------------------------------------------
@@ -144,9 +164,13 @@ def train(cfg: TrainConfig) -> dict:
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                     pred = engine(frames_BTHWC.to(dist.input_dtype(engine)))
-                loss, per_task = next_frame_loss(pred, frames_BTHWC, batch["loss_mask"].to(device),
-                                                 batch["pad_mask"].to(device),
-                                                 batch["task_id"].to(device))
+                loss, per_task = next_frame_loss(
+                    pred,
+                    frames_BTHWC,
+                    batch["loss_mask"].to(device),
+                    batch["pad_mask"].to(device),
+                    batch["task_id"].to(device),
+                )
                 if faults.active("nan_loss", attempt):
                     loss = loss * float("nan")
                 finite = torch.isfinite(loss).float()
@@ -162,48 +186,83 @@ def train(cfg: TrainConfig) -> dict:
                 engine.backward(loss)
             if bad_micro:
                 state["skipped_steps"] += 1
-                log.warning("step %d: non-finite loss in %d micro-batch(es), %s (%d/%d)", step + 1,
-                            bad_micro, "step skipped" if cfg.engine.grad_accum_steps == 1
-                            else "they contribute no gradient", state["skipped_steps"],
-                            cfg.max_skipped_steps)
+                log.warning(
+                    "step %d: non-finite loss in %d micro-batch(es), %s (%d/%d)",
+                    step + 1,
+                    bad_micro,
+                    "step skipped"
+                    if cfg.engine.grad_accum_steps == 1
+                    else "they contribute no gradient",
+                    state["skipped_steps"],
+                    cfg.max_skipped_steps,
+                )
                 if state["skipped_steps"] >= cfg.max_skipped_steps:
                     raise NonFiniteLossError(
                         f"{state['skipped_steps']} steps with a non-finite loss (limit "
                         f"max_skipped_steps={cfg.max_skipped_steps}); the last good checkpoint "
-                        f"is {checkpoint.latest(run_dir)}")
+                        f"is {checkpoint.latest(run_dir)}"
+                    )
                 if cfg.engine.grad_accum_steps == 1:
                     continue
             if every(step + 1, cfg.log_every) or step + 1 == cfg.steps:
                 window.grad_norm = dist.grad_norm(engine)  # before the step zeroes gradients
             engine.step()
             step += 1
-            n_frames = dist.all_reduce(torch.tensor(float(frames_this_step), device=device), "sum").item()
+            n_frames = dist.all_reduce(
+                torch.tensor(float(frames_this_step), device=device), "sum"
+            ).item()
             state["step"] = step
             state["samples"] += cfg.micro_batch * cfg.engine.grad_accum_steps * denv.world_size
             state["frames"] += int(n_frames)
-            window.add(time.perf_counter() - t0, n_frames, loss_sum / cfg.engine.grad_accum_steps,
-                       task_sums)
+            window.add(
+                time.perf_counter() - t0,
+                n_frames,
+                loss_sum / cfg.engine.grad_accum_steps,
+                task_sums,
+            )
 
             # -- periodic actions: log, validate, checkpoint, preemption -------------------
             if every(step, cfg.log_every) or step == cfg.steps:
-                record = window.flush(tasks, engine, sched, flops_frame, cfg.peak_flops,
-                                      denv.world_size, loader, state, tokens_per_frame)
+                record = window.flush(
+                    tasks,
+                    engine,
+                    sched,
+                    flops_frame,
+                    cfg.peak_flops,
+                    denv.world_size,
+                    loader,
+                    state,
+                    tokens_per_frame,
+                )
                 if metrics:
                     metrics.log(record, step)
                     log.info(_line(step, cfg.steps, record))
             if metrics and every(step, cfg.metrics.image_every):
-                metrics.log_image("pred_vs_true", prediction_sheet(pred, frames_BTHWC,
-                                                                   batch["pad_mask"]), step)
+                metrics.log_image(
+                    "pred_vs_true", prediction_sheet(pred, frames_BTHWC, batch["pad_mask"]), step
+                )
             if val_loader is not None and (every(step, cfg.val_every) or step == cfg.steps):
                 record = validate(engine, val_loader, cfg, tasks, device, amp)
                 if metrics:
                     metrics.log(record, step)
                     log.info("step %d validation: %s", step, _fmt(record))
             faults.hold(step, lambda: preempt.requested, resumed=last is not None)
-            stop = bool(dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item())
+            stop = bool(
+                dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item()
+            )
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
-                _save(engine, run_dir, step, state, loader, denv, metrics, loader.render_hash,
-                      config_yaml, cfg)
+                _save(
+                    engine,
+                    run_dir,
+                    step,
+                    state,
+                    loader,
+                    denv,
+                    metrics,
+                    loader.render_hash,
+                    config_yaml,
+                    cfg,
+                )
             if stop:  # the checkpoint is committed; flush the metrics before a requeue
                 if metrics:
                     metrics.close("KILLED")
@@ -227,19 +286,29 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
             frames = batch["frames"].to(device).float().div_(255)
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                 pred = engine(frames.to(dist.input_dtype(engine)))
-            _, per_task = next_frame_loss(pred, frames, batch["loss_mask"].to(device),
-                                          batch["pad_mask"].to(device), batch["task_id"].to(device))
+            _, per_task = next_frame_loss(
+                pred,
+                frames,
+                batch["loss_mask"].to(device),
+                batch["pad_mask"].to(device),
+                batch["task_id"].to(device),
+            )
             _add_task_losses(sums, per_task)
     engine.train()
     sums = dist.all_reduce(sums, "sum")
-    out = {f"val/loss/{t}": (sums[0, i] / sums[1, i]).item() for i, t in enumerate(tasks) if sums[1, i] > 0}
+    out = {
+        f"val/loss/{t}": (sums[0, i] / sums[1, i]).item()
+        for i, t in enumerate(tasks)
+        if sums[1, i] > 0
+    }
     if sums[1].sum() > 0:
         out["val/loss"] = (sums[0].sum() / sums[1].sum()).item()
     return out
 
 
-def prediction_sheet(pred_BTHWC: torch.Tensor, frames_BTHWC: torch.Tensor,
-                     pad_mask_BT: torch.Tensor) -> np.ndarray:
+def prediction_sheet(
+    pred_BTHWC: torch.Tensor, frames_BTHWC: torch.Tensor, pad_mask_BT: torch.Tensor
+) -> np.ndarray:
     """A contact sheet of the first clip: true frames 1..T-1 on top, the model's predictions of
     them below (``pred[:, t]`` predicts frame ``t + 1``); padding frames are left out."""
     keep = (~pad_mask_BT[0, 1:]).cpu()
@@ -296,8 +365,9 @@ class _Window:
         self.loss += float(loss)
         self.task_sums = task_sums.clone() if self.task_sums is None else self.task_sums + task_sums
 
-    def flush(self, tasks, engine, sched, flops_frame, peak_flops, world, loader, state,
-              tokens_per_frame) -> dict:
+    def flush(
+        self, tasks, engine, sched, flops_frame, peak_flops, world, loader, state, tokens_per_frame
+    ) -> dict:
         task_sums = dist.all_reduce(self.task_sums.clone(), "sum")
         loss = self.loss / max(1, self.steps)
         self.last_loss = loss
@@ -306,8 +376,9 @@ class _Window:
         rec = {
             "train/loss": loss,
             "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
-            "train/grad_norm": _to_float(engine.get_global_grad_norm() if self.grad_norm is None
-                                         else self.grad_norm),
+            "train/grad_norm": _to_float(
+                engine.get_global_grad_norm() if self.grad_norm is None else self.grad_norm
+            ),
             "train/skipped_steps": state["skipped_steps"],
             "train/samples": state["samples"],
             "train/frames": state["frames"],
@@ -317,8 +388,13 @@ class _Window:
             "data/wait_frac": data["data/wait_s"] / max(self.time, 1e-9),
             "mem/peak_gb": _peak_memory_gb(),
         }
-        rec.update({f"train/loss/{t}": (task_sums[0, i] / task_sums[1, i]).item()
-                    for i, t in enumerate(tasks) if task_sums[1, i] > 0})
+        rec.update(
+            {
+                f"train/loss/{t}": (task_sums[0, i] / task_sums[1, i]).item()
+                for i, t in enumerate(tasks)
+                if task_sums[1, i] > 0
+            }
+        )
         if peak_flops > 0:
             rec["speed/mfu"] = fps * flops_frame / (peak_flops * world)
         rec.update(data)
@@ -329,23 +405,36 @@ class _Window:
 def _save(engine, run_dir, step, state, loader, denv, metrics, render_hash, config_yaml, cfg):
     loader_states = dist.all_gather_objects(loader.state_dict())
     rngs = dist.all_gather_objects(_get_rng())
-    full = {**state, "world_size": denv.world_size, "loader": loader_states, "rng": rngs,
-            "render_hash": render_hash, "mlflow_run_id": metrics.wait_run_id() if metrics else None}
+    full = {
+        **state,
+        "world_size": denv.world_size,
+        "loader": loader_states,
+        "rng": rngs,
+        "render_hash": render_hash,
+        "mlflow_run_id": metrics.wait_run_id() if metrics else None,
+    }
     full["mlflow_run_id"] = dist.broadcast_object(full["mlflow_run_id"])
-    path = checkpoint.save(engine, run_dir, step, full, config_yaml, denv.is_main,
-                           cfg.keep_last, cfg.keep_every)
+    path = checkpoint.save(
+        engine, run_dir, step, full, config_yaml, denv.is_main, cfg.keep_last, cfg.keep_every
+    )
     log.info("checkpoint %s", path)
 
 
 def _check_resumable(saved: dict, loader: Loader, world: int) -> None:
     if saved["render_hash"] != loader.render_hash:
-        raise ValueError(f"checkpoint was trained on frames with render hash {saved['render_hash']}, "
-                         f"the data now has {loader.render_hash}")
+        raise ValueError(
+            f"checkpoint was trained on frames with render hash {saved['render_hash']}, "
+            f"the data now has {loader.render_hash}"
+        )
 
 
 def _get_rng() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng(rng: dict | None) -> None:
@@ -376,21 +465,29 @@ def _fmt(rec: dict) -> str:
 
 def _line(step: int, total: int, r: dict) -> str:
     mfu = f" | mfu {r['speed/mfu']:.1%}" if "speed/mfu" in r else ""
-    return (f"step {step}/{total} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
-            f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s{mfu} | "
-            f"wait {r['data/wait_frac']:.0%} | skipped {int(r.get('data/skipped', 0))} | "
-            f"mem {r['mem/peak_gb']:.2f} GB")
+    return (
+        f"step {step}/{total} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
+        f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s{mfu} | "
+        f"wait {r['data/wait_frac']:.0%} | skipped {int(r.get('data/skipped', 0))} | "
+        f"mem {r['mem/peak_gb']:.2f} GB"
+    )
 
 
 def _setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(level=level, format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # -- command line ----------------------------------------------------------------------------
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a training config YAML (e.g. configs/debug.yaml)")

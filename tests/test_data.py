@@ -88,13 +88,21 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 
 @pytest.mark.parametrize("pad_to,num_workers", [("clip_frames", 0), ("longest", 0), ("longest", 1)])
 def test_batches_have_shapes_masks_and_the_decoded_frames(shards, pad_to, num_workers):
-    ld = loader([shards[n] for n in NAMES], batch_size=6, clip_frames=8, pad_to=pad_to,
-                num_workers=num_workers)
+    ld = loader(
+        [shards[n] for n in NAMES],
+        batch_size=6,
+        clip_frames=8,
+        pad_to=pad_to,
+        num_workers=num_workers,
+    )
     meta = {n: samples_of(shards[n]) for n in NAMES}
     by_task = {t: n for n in NAMES for t in load_manifest(shards[n]).splits["train"].tasks}
     seen, lengths = 0, set()
     for batch in take(ld, 6):
-        clip_t = [min(meta[by_task[t]][k][0]["num_frames"], 8) for t, k in zip(batch["task"], batch["key"])]
+        clip_t = [
+            min(meta[by_task[t]][k][0]["num_frames"], 8)
+            for t, k in zip(batch["task"], batch["key"])
+        ]
         bt = 8 if pad_to == "clip_frames" else max(clip_t)  # longest: no all-padding frame
         lengths.add(bt)
         assert batch["frames"].shape == (6, bt, 64, 64, 3) and batch["frames"].dtype == torch.uint8

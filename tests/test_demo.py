@@ -112,11 +112,16 @@ def Path_from(text: str, label: str):  # noqa: N802 - reads like the Path it ret
 
 
 def test_make_demo_sets_up_then_runs_the_demo():
-    done = subprocess.run(["make", "--no-print-directory", "-n", "demo"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        ["make", "--no-print-directory", "-n", "demo"], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["./setup.sh", ".venv/bin/python tools/demo.py "]
     done = subprocess.run(
-        ["make", "--no-print-directory", "-n", "demo", "DEMO_ARGS=--size tiny"], cwd=REPO, capture_output=True, text=True
+        ["make", "--no-print-directory", "-n", "demo", "DEMO_ARGS=--size tiny"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert ".venv/bin/python tools/demo.py --size tiny" in done.stdout
 

@@ -22,8 +22,13 @@ PER_TASK = 6  # evaluated samples per task
 
 
 def evav(*args, check=True, **kw):
-    done = subprocess.run([sys.executable, "-m", "evav.cli", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, **kw)
+    done = subprocess.run(
+        [sys.executable, "-m", "evav.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
     if check:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
@@ -35,8 +40,18 @@ def trained(tmp_path_factory):
     shards = root / "synthetic"
     evav("preprocess", "synthetic", "--out", shards, "train_per_task=24", "val_per_task=8")
     run = root / "run"
-    evav("train", "configs/debug.yaml", f"data.train=[{shards}]", f"run_dir={run}", "steps=4",
-         "micro_batch=4", "log_every=2", "val_every=0", "ckpt_every=4", "engine.zero_stage=2")
+    evav(
+        "train",
+        "configs/debug.yaml",
+        f"data.train=[{shards}]",
+        f"run_dir={run}",
+        "steps=4",
+        "micro_batch=4",
+        "log_every=2",
+        "val_every=0",
+        "ckpt_every=4",
+        "engine.zero_stage=2",
+    )
     return root, shards, run
 
 
@@ -75,14 +90,40 @@ def test_eval_run_dir_writes_results_report_and_mlflow(trained):
 def test_eval_is_deterministic_and_the_same_with_two_processes(trained, tmp_path):
     root, shards, run = trained
     step = run / "checkpoints" / "step_00000004"
-    common = ["--data", shards, "--limit", PER_TASK, "--no-mlflow", "--no-report", "--quiet",
-              "--batch-size", "4"]
+    common = [
+        "--data",
+        shards,
+        "--limit",
+        PER_TASK,
+        "--no-mlflow",
+        "--no-report",
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
     evav("eval", step, "--out", tmp_path / "a.json", *common)
     evav("eval", step, "--out", tmp_path / "b.json", *common)
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(free_port()), "-m", "evav.cli", "eval", str(step),
-                           "--out", str(tmp_path / "c.json"), *map(str, common)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "evav.cli",
+            "eval",
+            str(step),
+            "--out",
+            str(tmp_path / "c.json"),
+            *map(str, common),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a, b, c = (results(tmp_path / f"{x}.json") for x in "abc")
     assert a["tasks"] == b["tasks"] and a["predictions"] == b["predictions"]
@@ -93,11 +134,19 @@ def test_eval_is_deterministic_and_the_same_with_two_processes(trained, tmp_path
 def test_export_gives_the_same_results_without_deepspeed(trained, tmp_path):
     root, shards, run = trained
     exp = tmp_path / "export"
-    done = subprocess.run([sys.executable, "tools/export.py", str(run), "--out", str(exp)],
-                          cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "tools/export.py", str(run), "--out", str(exp)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert {p.name for p in exp.iterdir()} == {"model.safetensors", "config.yaml", "export.json",
-                                                 "render_spec.yaml"}
+    assert {p.name for p in exp.iterdir()} == {
+        "model.safetensors",
+        "config.yaml",
+        "export.json",
+        "render_spec.yaml",
+    }
     assert json.loads((exp / "export.json").read_text())["step"] == 4
     common = ["--data", shards, "--limit", PER_TASK, "--no-mlflow", "--no-report", "--quiet"]
     evav("eval", exp, "--out", tmp_path / "e.json", *common)
@@ -105,24 +154,48 @@ def test_export_gives_the_same_results_without_deepspeed(trained, tmp_path):
     e, t = results(tmp_path / "e.json"), results(tmp_path / "t.json")
     assert e["tasks"] == t["tasks"] and e["predictions"] == t["predictions"]
     # exporting over an existing directory needs --force
-    again = subprocess.run([sys.executable, "tools/export.py", str(run), "--out", str(exp)],
-                           cwd=REPO, capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, "tools/export.py", str(run), "--out", str(exp)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 2 and "--force" in again.stderr
     # generate from the export: 5 prompt frames ("add" task, 3 words, separator) + 1 answer
-    gen = evav("generate", exp, "--task", "add", "--input", "two plus two", "--out",
-               tmp_path / "g.png")
+    gen = evav(
+        "generate", exp, "--task", "add", "--input", "two plus two", "--out", tmp_path / "g.png"
+    )
     assert "5 prompt frames + 1 generated" in gen.stdout and (tmp_path / "g.png").is_file()
 
 
 def test_render_mismatch_is_an_error_unless_allowed(trained, tmp_path):
     root, shards, run = trained
     other = tmp_path / "other"
-    evav("preprocess", "synthetic", "--out", other, "train_per_task=2", "val_per_task=2",
-         "render.font_scale=1.5")
+    evav(
+        "preprocess",
+        "synthetic",
+        "--out",
+        other,
+        "train_per_task=2",
+        "val_per_task=2",
+        "render.font_scale=1.5",
+    )
     bad = evav("eval", run, "--data", other, "--no-mlflow", "--quiet", check=False)
-    assert bad.returncode == 2 and "render" in bad.stderr and "--allow-render-mismatch" in bad.stderr
-    ok = evav("eval", run, "--data", other, "--out", tmp_path / "x.json", "--no-mlflow",
-              "--no-report", "--quiet", "--allow-render-mismatch")
+    assert (
+        bad.returncode == 2 and "render" in bad.stderr and "--allow-render-mismatch" in bad.stderr
+    )
+    ok = evav(
+        "eval",
+        run,
+        "--data",
+        other,
+        "--out",
+        tmp_path / "x.json",
+        "--no-mlflow",
+        "--no-report",
+        "--quiet",
+        "--allow-render-mismatch",
+    )
     assert results(tmp_path / "x.json")["tasks"]["add"]["samples"] == 2, ok.stderr
 
 
@@ -135,8 +208,19 @@ def test_corrupt_clip_is_skipped_and_counted(trained, tmp_path):
     start = data.index(b"ftyp") + 2000  # inside the first sample's mp4 member
     data[start : start + 400] = bytes(400)
     shard.write_bytes(bytes(data))
-    evav("eval", run, "--data", copy, "--out", tmp_path / "r.json", "--limit", PER_TASK,
-         "--no-mlflow", "--no-report", "--quiet")
+    evav(
+        "eval",
+        run,
+        "--data",
+        copy,
+        "--out",
+        tmp_path / "r.json",
+        "--limit",
+        PER_TASK,
+        "--no-mlflow",
+        "--no-report",
+        "--quiet",
+    )
     r = results(tmp_path / "r.json")
     assert sum(m["skipped"] for m in r["tasks"].values()) == 1
     assert sum(m["samples"] for m in r["tasks"].values()) == 5 * PER_TASK - 1

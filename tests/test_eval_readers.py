@@ -27,20 +27,33 @@ TEXT = TextRenderer(RenderSpec())
 
 def sample(task, answer="", label=None, segments=None, extra=None, key="k"):
     seg = segments or {"task": 1, "input": 1, "separator": 1, "output": len(TEXT.tokenize(answer))}
-    meta = {"key": key, "task": task, "answer": answer, "label": label, "segments": seg,
-            "num_frames": sum(seg.values()), "extra": extra or {}}
+    meta = {
+        "key": key,
+        "task": task,
+        "answer": answer,
+        "label": label,
+        "segments": seg,
+        "num_frames": sum(seg.values()),
+        "extra": extra or {},
+    }
     return EvalSample("d", "shard.tar", 0, meta)
 
 
 def noisy(frames, seed=0, sigma=40.0):
     rng = np.random.default_rng(seed)
-    return np.clip(frames.astype(np.float64) + rng.normal(0, sigma, frames.shape), 0, 255).astype(np.uint8)
+    return np.clip(frames.astype(np.float64) + rng.normal(0, sigma, frames.shape), 0, 255).astype(
+        np.uint8
+    )
 
 
 def test_kinds_from_task_and_metadata():
     assert kind_of("fsdd", [sample("fsdd", "seven")]) == "classification"
-    assert kind_of("next", [sample("next", segments={"task": 1, "input": 4, "separator": 1,
-                                                      "output": 2})]) == "video_prediction"
+    assert (
+        kind_of(
+            "next", [sample("next", segments={"task": 1, "input": 4, "separator": 1, "output": 2})]
+        )
+        == "video_prediction"
+    )
     assert kind_of("clevrer", [sample("clevrer", "cube")]) == "open"
     assert kind_of("tinyvirat", [sample("tinyvirat", "walking")]) == "multilabel"
     assert kind_of("lasot", [sample("lasot")]) == "tracking"
@@ -59,8 +72,10 @@ def test_classification_reads_noisy_and_multi_frame_answers():
     # "very good" vs "good": the second frame decides, not just the first
     gen = np.concatenate([TEXT.render_text("very"), TEXT.render_text("good")])
     assert r.nearest(gen) == "very good"
-    recs = [r.read(TEXT.render_text(a)[:1].repeat(2, 0), None, s) for a, s in
-            zip(["negative", "negative", "positive", "good"], samples)]
+    recs = [
+        r.read(TEXT.render_text(a)[:1].repeat(2, 0), None, s)
+        for a, s in zip(["negative", "negative", "positive", "good"], samples)
+    ]
     m = r.score(recs)
     assert m["accuracy"] == pytest.approx(0.5)  # negative/positive right; positive, good wrong
     assert m["confusion"][r.labels.index("positive")][r.labels.index("negative")] == 1
@@ -77,8 +92,10 @@ def test_open_answers_use_the_vocabulary_word_by_word():
 
 
 def test_multilabel_maps_words_back_to_labels():
-    samples = [sample("tinyvirat", "running walking", label=["running", "walking"]),
-               sample("tinyvirat", "talking", label=["talking"])]
+    samples = [
+        sample("tinyvirat", "running walking", label=["running", "walking"]),
+        sample("tinyvirat", "talking", label=["talking"]),
+    ]
     r = MultiLabelReader("tinyvirat", samples, TEXT)
     assert r.labels == ["running", "talking", "walking"]
     rec = r.read(noisy(TEXT.render_text("walking talking"), seed=1), None, samples[0])
@@ -91,8 +108,11 @@ def test_multilabel_maps_words_back_to_labels():
 
 def test_tracking_iou_from_red_boxes():
     boxes = [[10, 10, 29, 29], [12, 10, 31, 29], [14, 10, 33, 29]]
-    s = sample("lasot", segments={"task": 1, "input": 1, "separator": 1, "output": 2},
-               extra={"boxes": boxes})
+    s = sample(
+        "lasot",
+        segments={"task": 1, "input": 1, "separator": 1, "output": 2},
+        extra={"boxes": boxes},
+    )
     r = TrackingReader("lasot", [s], TEXT)
     blank = np.zeros((64, 64, 3), np.uint8)
     gen = np.stack([draw_box(blank, tuple(boxes[1])), draw_box(blank, (24, 10, 43, 29))])

@@ -59,7 +59,9 @@ def test_colorfulness_and_cdc():
     colour[:, :4, :, 0] = 255
     colour[:, 4:, :, 2] = 255
     assert colorfulness(colour) > 50
-    assert colour_distribution_consistency(np.repeat(colour[:1], 3, 0)) == pytest.approx(0, abs=1e-9)
+    assert colour_distribution_consistency(np.repeat(colour[:1], 3, 0)) == pytest.approx(
+        0, abs=1e-9
+    )
     flicker = np.stack([colour[0], grey[0], colour[0]])
     assert colour_distribution_consistency(flicker) > 0.3
 

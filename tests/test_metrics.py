@@ -32,8 +32,9 @@ def client(uri):
 
 
 def logger(run_dir, uri, params=None, **kw) -> MetricsLogger:
-    return MetricsLogger(run_dir, MetricsConfig(tracking_uri=uri, close_timeout_s=60),
-                         params=params or {}, **kw)
+    return MetricsLogger(
+        run_dir, MetricsConfig(tracking_uri=uri, close_timeout_s=60), params=params or {}, **kw
+    )
 
 
 def history(uri, run_id, key="train/loss"):
@@ -108,7 +109,8 @@ def test_disabled_logger_writes_only_jsonl(tmp_path):
     m.close("KILLED")
     assert not (tmp_path / "mlflow_run_id").exists()
     assert [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path)] == [
-        {"step": 1, "train/loss": 0.5}]
+        {"step": 1, "train/loss": 0.5}
+    ]
 
 
 def test_wait_run_id_names_the_run_before_any_metric_was_sent(tmp_path):

@@ -156,7 +156,11 @@ def test_sst2_slice(datasets, tmp_path):
 def test_cifar10_image_folder(datasets, tmp_path):
     m = preprocess("cifar10", datasets / "cifar10", tmp_path, "--limit", "30")
     samples = check_build(tmp_path, m)
-    assert set(m.splits) == {"test"} and m.splits["test"].samples == 30
+    # ../shared holds test/ and (since issue 14) the whole train/ set: every split folder found
+    # is a split, each cut to --limit
+    splits = {p.name for p in (datasets / "cifar10").iterdir() if p.is_dir()}
+    assert set(m.splits) == splits and "test" in splits
+    assert all(s.samples == 30 for s in m.splits.values())
     for meta, frames in samples.values():
         assert Path(meta.source).parent.name == meta.answer
         assert_close(frames[1:2], render_image(meta.source, SPEC), m.codec)

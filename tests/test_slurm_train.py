@@ -55,8 +55,9 @@ def slurm_shards(tmp_path_factory) -> Path:
     return out
 
 
-def submit(cluster, run_dir: Path, shards: Path, *overrides: str, opts=(), fault: str = ""
-           ) -> tuple[int, Path]:
+def submit(
+    cluster, run_dir: Path, shards: Path, *overrides: str, opts=(), fault: str = ""
+) -> tuple[int, Path]:
     out = run_dir.parent / f"{run_dir.name}-%j.out"
     job = cluster.sbatch(
         SCRIPT,
@@ -128,8 +129,9 @@ def test_usr2_checkpoints_requeues_and_resumes_in_the_same_run(
 ):
     run_dir = tmp_path / "run"
     # the trainers wait at the end of step 5 for the signal, so a fast machine cannot finish first
-    job, out = submit(slurm_cluster, run_dir, slurm_shards, "steps=60", "ckpt_every=0",
-                      fault="hold:5")
+    job, out = submit(
+        slurm_cluster, run_dir, slurm_shards, "steps=60", "ckpt_every=0", fault="hold:5"
+    )
     deadline = time.monotonic() + 180
     # a few steps logged, and the MLflow run created (by the logger's background thread)
     while len(steps_logged(run_dir)) < 5 or not (run_dir / "mlflow_run_id").is_file():

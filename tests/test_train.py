@@ -32,8 +32,22 @@ FSDD_TAKES = {5, 6, 7, 8}  # train-split takes (the official split: takes 0-4 te
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "synthetic"
-    subprocess.run([sys.executable, "-m", "evav.cli", "preprocess", "synthetic", "--out", str(out),
-                    "train_per_task=40", "val_per_task=8"], check=True, cwd=REPO, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "evav.cli",
+            "preprocess",
+            "synthetic",
+            "--out",
+            str(out),
+            "train_per_task=40",
+            "val_per_task=8",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
+    )
     return out
 
 
@@ -47,7 +61,17 @@ def fsdd(datasets, tmp_path_factory):
         if int(wav.stem.rsplit("_", 1)[1]) in FSDD_TAKES:
             (src / "recordings" / wav.name).symlink_to(wav)
     out = tmp_path_factory.mktemp("shards") / "fsdd"
-    cmd = [sys.executable, "-m", "evav.cli", "preprocess", "fsdd", "--src", str(src), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evav.cli",
+        "preprocess",
+        "fsdd",
+        "--src",
+        str(src),
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return out
@@ -64,14 +88,33 @@ def mlflow_db(tmp_path_factory):
 
 
 def run_train(run_dir, data, *extra, env=None, nproc=1, wait=True):
-    cmd = [sys.executable, "-m", "evav.cli", "train", *ARGS, f"data.train=[{data}]", f"run_dir={run_dir}",
-           "metrics.enabled=false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evav.cli",
+        "train",
+        *ARGS,
+        f"data.train=[{data}]",
+        f"run_dir={run_dir}",
+        "metrics.enabled=false",
+        *extra,
+    ]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), *cmd[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+            *cmd[1:],
+        ]
     e = {**os.environ, **(env or {})}
     if not wait:
-        return subprocess.Popen(cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
     done = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
     return done
 
@@ -99,8 +142,9 @@ def mlflow_run(uri, run_dir):
     return client, run, sorted(steps)
 
 
-def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(synthetic, mlflow_db,
-                                                                      tmp_path):
+def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(
+    synthetic, mlflow_db, tmp_path
+):
     full = run_train(tmp_path / "full", synthetic, "steps=16", "ckpt_every=0")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     ref = losses(tmp_path / "full")
@@ -108,8 +152,16 @@ def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(synthetic, 
 
     cut = tmp_path / "cut"
     # the trainer waits at the end of step 6 for the signal: a fast machine cannot finish first
-    proc = run_train(cut, synthetic, "steps=16", "ckpt_every=0", "metrics.image_every=4",
-                     *mlflow_args(mlflow_db), env={"EVAV_FAULT": "hold:6"}, wait=False)
+    proc = run_train(
+        cut,
+        synthetic,
+        "steps=16",
+        "ckpt_every=0",
+        "metrics.image_every=4",
+        *mlflow_args(mlflow_db),
+        env={"EVAV_FAULT": "hold:6"},
+        wait=False,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and len(losses(cut)) < 6:
         time.sleep(0.2)
@@ -123,8 +175,15 @@ def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(synthetic, 
     run_id = run.info.run_id
 
     # resumed with one param changed: the run keeps the first value (params are immutable)
-    again = run_train(cut, synthetic, "steps=16", "ckpt_every=0", "metrics.image_every=4",
-                      "keep_last=3", *mlflow_args(mlflow_db))
+    again = run_train(
+        cut,
+        synthetic,
+        "steps=16",
+        "ckpt_every=0",
+        "metrics.image_every=4",
+        "keep_last=3",
+        *mlflow_args(mlflow_db),
+    )
     assert again.returncode == 0, again.stdout[-3000:]
     assert "resumed from" in again.stdout
     assert losses(cut) == ref  # bitwise: floats compared exactly
@@ -157,14 +216,17 @@ def test_a_finished_run_extended_with_more_steps_follows_the_new_schedule(synthe
     assert more.returncode == 0 and "resumed from" in more.stdout, more.stdout[-3000:]
     lr = {r["step"]: r["train/lr"] for r in read_metrics(run) if "train/lr" in r}
     assert lr[4] == 0.0 and lr[5] > 0.0  # lr after each step's update: the schedule moved on
-    w4, w5 = (consolidated_state_dict(run / "checkpoints" / f"step_{s:08d}", "engine") for s in (4, 5))
+    w4, w5 = (
+        consolidated_state_dict(run / "checkpoints" / f"step_{s:08d}", "engine") for s in (4, 5)
+    )
     changed = [k for k in w4 if not torch.equal(w4[k], w5[k])]
     assert len(changed) == len(w4), f"update 5 left {len(w4) - len(changed)} tensors unchanged"
 
 
 def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
-    done = run_train(tmp_path / "r", synthetic, "steps=8", "ckpt_every=4",
-                     env={"EVAV_FAULT": "kill_in_save:8"})
+    done = run_train(
+        tmp_path / "r", synthetic, "steps=8", "ckpt_every=4", env={"EVAV_FAULT": "kill_in_save:8"}
+    )
     assert done.returncode == -signal.SIGKILL
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "r")] == [4]
     assert (tmp_path / "r/checkpoints/step_00000008").is_dir()  # the torn save, uncommitted
@@ -175,11 +237,20 @@ def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
 
 
 def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_db, tmp_path):
-    ok = run_train(tmp_path / "a", synthetic, "steps=6", "ckpt_every=0", env={"EVAV_FAULT": "nan_loss:3"})
+    ok = run_train(
+        tmp_path / "a", synthetic, "steps=6", "ckpt_every=0", env={"EVAV_FAULT": "nan_loss:3"}
+    )
     assert ok.returncode == 0, ok.stdout[-3000:]
     assert read_metrics(tmp_path / "a")[-1]["train/skipped_steps"] == 1
-    bad = run_train(tmp_path / "b", synthetic, "steps=10", "ckpt_every=2", "max_skipped_steps=3",
-                    *mlflow_args(mlflow_db), env={"EVAV_FAULT": "nan_loss:5,6,7,8"})
+    bad = run_train(
+        tmp_path / "b",
+        synthetic,
+        "steps=10",
+        "ckpt_every=2",
+        "max_skipped_steps=3",
+        *mlflow_args(mlflow_db),
+        env={"EVAV_FAULT": "nan_loss:5,6,7,8"},
+    )
     assert bad.returncode != 0
     assert "NonFiniteLossError" in bad.stderr and "max_skipped_steps=3" in bad.stderr
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "b")][-1] == 4
@@ -194,9 +265,18 @@ def test_two_process_zero_bf16_learns_fsdd_and_logs_to_mlflow_server(fsdd, tmp_p
     (tmp_path / "srv").mkdir()
     proc, uri = start_server(tmp_path / "srv" / "store")
     try:  # FSDD clips are 4 frames: task, spectrogram, separator, the digit's word
-        done = run_train(tmp_path / "run", fsdd, "steps=30", f"engine.zero_stage={stage}",
-                         "data.clip_frames=4", "ckpt_every=0", "metrics.enabled=true",
-                         f"metrics.tracking_uri={uri}", "optim.lr=3e-3", nproc=2)
+        done = run_train(
+            tmp_path / "run",
+            fsdd,
+            "steps=30",
+            f"engine.zero_stage={stage}",
+            "data.clip_frames=4",
+            "ckpt_every=0",
+            "metrics.enabled=true",
+            f"metrics.tracking_uri={uri}",
+            "optim.lr=3e-3",
+            nproc=2,
+        )
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         loss = losses(tmp_path / "run")
         first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
@@ -213,8 +293,15 @@ def test_two_process_zero_bf16_learns_fsdd_and_logs_to_mlflow_server(fsdd, tmp_p
 
 
 def test_mlflow_down_training_completes_with_full_jsonl(synthetic, tmp_path):
-    done = run_train(tmp_path / "r", synthetic, "steps=5", "ckpt_every=0", "metrics.enabled=true",
-                     "metrics.tracking_uri=http://127.0.0.1:9", "metrics.close_timeout_s=2")
+    done = run_train(
+        tmp_path / "r",
+        synthetic,
+        "steps=5",
+        "ckpt_every=0",
+        "metrics.enabled=true",
+        "metrics.tracking_uri=http://127.0.0.1:9",
+        "metrics.close_timeout_s=2",
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3, 4, 5]
     assert "unreachable" in done.stdout + done.stderr

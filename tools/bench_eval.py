@@ -61,9 +61,22 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "synthetic"
-        subprocess.run([sys.executable, "-m", "evav.cli", "preprocess", "synthetic", "--out",
-                        str(shards), "train_per_task=1", f"val_per_task={args.per_task}"],
-                       check=True, cwd=REPO, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "evav.cli",
+                "preprocess",
+                "synthetic",
+                "--out",
+                str(shards),
+                "train_per_task=1",
+                f"val_per_task={args.per_task}",
+            ],
+            check=True,
+            cwd=REPO,
+            capture_output=True,
+        )
         data = load_eval_data([str(shards)], "val")
         n = len(data.samples)
         base = min(run(Echo(), data, args.batch_size) for _ in range(2))
@@ -74,8 +87,11 @@ def main() -> int:
             run(model, data, args.batch_size)  # warm-up
             t = min(run(model, data, args.batch_size) for _ in range(2))
             rows.append((preset, num_params(model), n, t, n / t, base / t))
-            print(f"{preset}: {n} samples in {t:.2f} s = {n / t:.1f} samples/s "
-                  f"(outside the model: {base / t:.0%})", flush=True)
+            print(
+                f"{preset}: {n} samples in {t:.2f} s = {n / t:.1f} samples/s "
+                f"(outside the model: {base / t:.0%})",
+                flush=True,
+            )
     load = os.getloadavg()[0]
     md = [
         "## Evaluation: generation + read-out (`tools/bench_eval.py`)",
@@ -90,8 +106,10 @@ def main() -> int:
         "| preset | parameters | samples | seconds | samples/s | outside the model |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    md += [f"| {p_} | {params / 1e6:.1f}M | {n_} | {t:.2f} | {sps:.1f} | {share:.0%} |"
-           for p_, params, n_, t, sps, share in rows]
+    md += [
+        f"| {p_} | {params / 1e6:.1f}M | {n_} | {t:.2f} | {sps:.1f} | {share:.0%} |"
+        for p_, params, n_, t, sps, share in rows
+    ]
     text = "\n".join(md)
     print(text)
     if not args.no_write:

@@ -90,8 +90,14 @@ def full(
     return frames / dt
 
 
-def run(datasets: Path, seconds: float, out: Path, shards: Path | None = None,
-        keep: Path | None = None, repeats: int = 3) -> str:
+def run(
+    datasets: Path,
+    seconds: float,
+    out: Path,
+    shards: Path | None = None,
+    keep: Path | None = None,
+    repeats: int = 3,
+) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if shards:
             dirs = [shards / n for n in ("fsdd", "sst2", "video", "synthetic")]

@@ -76,12 +76,22 @@ def matmul_peak(dtype: torch.dtype, device: str, threads: int, seconds: float = 
 def build_data(root: Path) -> Path:
     """Synthetic shards (every modality pair, a few clips per task) for the runs to read."""
     out = root / "synthetic"
-    cmd = [sys.executable, "-m", "evav.cli", "preprocess", "synthetic", "--out", str(out),
-           "train_per_task=24", "val_per_task=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "evav.cli",
+        "preprocess",
+        "synthetic",
+        "--out",
+        str(out),
+        "train_per_task=24",
+        "val_per_task=2",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit("bench_train: building shards failed:\n"
-                 + done.stdout[-2000:] + done.stderr[-2000:])
+        sys.exit(
+            "bench_train: building shards failed:\n" + done.stdout[-2000:] + done.stderr[-2000:]
+        )
     return out
 
 
@@ -107,34 +117,74 @@ def flash_check(preset: str, micro_batch: int, clip_frames: int, size: int = 64)
     try:
         flash = step_ms(SDPBackend.FLASH_ATTENTION)
     except RuntimeError as e:
-        return (f"Flash attention: NOT usable for preset {preset} at {size}x{size} "
-                f"({str(e).splitlines()[0][:120]}).")
+        return (
+            f"Flash attention: NOT usable for preset {preset} at {size}x{size} "
+            f"({str(e).splitlines()[0][:120]})."
+        )
     math = step_ms(SDPBackend.MATH)
-    return (f"Flash attention: preset {preset}'s forward + backward ({micro_batch} clips of "
-            f"{clip_frames} frames at {size}x{size}) ran with only SDPA's flash backend allowed, "
-            f"{flash:.1f} ms against {math:.1f} ms on the math backend ({math / flash:.1f}x).")
+    return (
+        f"Flash attention: preset {preset}'s forward + backward ({micro_batch} clips of "
+        f"{clip_frames} frames at {size}x{size}) ran with only SDPA's flash backend allowed, "
+        f"{flash:.1f} ms against {math:.1f} ms on the math backend ({math / flash:.1f}x)."
+    )
 
 
-def run_cell(data: Path, run_dir: Path, preset: str, zero: int, procs: int, threads: int,
-             micro_batch: int, clip_frames: int, steps: int, device: str,
-             timeout_s: float, workers: int = 0) -> dict:
+def run_cell(
+    data: Path,
+    run_dir: Path,
+    preset: str,
+    zero: int,
+    procs: int,
+    threads: int,
+    micro_batch: int,
+    clip_frames: int,
+    steps: int,
+    device: str,
+    timeout_s: float,
+    workers: int = 0,
+) -> dict:
     """One training run; returns its step times and peak memory (or the error)."""
-    train = ["-m", "evav.cli", "train", "configs/debug.yaml", f"data.train=[{data}]",
-             f"run_dir={run_dir}", f"model.preset={preset}", f"engine.zero_stage={zero}",
-             f"micro_batch={micro_batch}", f"data.clip_frames={clip_frames}",
-             "data.pad_to=clip_frames", f"data.num_workers={workers}", f"steps={steps}",
-             "log_every=1", "val_every=0", "ckpt_every=0", "keep_last=1", "optim.warmup_steps=1",
-             "metrics.enabled=false", "metrics.image_every=0"]
+    train = [
+        "-m",
+        "evav.cli",
+        "train",
+        "configs/debug.yaml",
+        f"data.train=[{data}]",
+        f"run_dir={run_dir}",
+        f"model.preset={preset}",
+        f"engine.zero_stage={zero}",
+        f"micro_batch={micro_batch}",
+        f"data.clip_frames={clip_frames}",
+        "data.pad_to=clip_frames",
+        f"data.num_workers={workers}",
+        f"steps={steps}",
+        "log_every=1",
+        "val_every=0",
+        "ckpt_every=0",
+        "keep_last=1",
+        "optim.warmup_steps=1",
+        "metrics.enabled=false",
+        "metrics.image_every=0",
+    ]
     cmd = [sys.executable, *train]
     if procs > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-               "--master_port", str(free_port()), *train]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(procs),
+            "--master_port",
+            str(free_port()),
+            *train,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
     records = [r for r in read_metrics(run_dir) if "speed/step_s" in r]
@@ -142,26 +192,36 @@ def run_cell(data: Path, run_dir: Path, preset: str, zero: int, procs: int, thre
         tail = (done.stdout + done.stderr).strip().splitlines()[-15:]
         print("\n".join(tail), file=sys.stderr)
         return {"error": f"exit {done.returncode}, {len(records)}/{steps} steps"}
-    return {"step_s": [r["speed/step_s"] for r in records],
-            "mem_gb": max(r.get("mem/peak_gb", 0.0) for r in records),
-            "wait": statistics.median(r.get("data/wait_frac", 0.0) for r in records)}
+    return {
+        "step_s": [r["speed/step_s"] for r in records],
+        "mem_gb": max(r.get("mem/peak_gb", 0.0) for r in records),
+        "wait": statistics.median(r.get("data/wait_frac", 0.0) for r in records),
+    }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--presets", help="comma-separated (default: debug,S on cpu, B,L on cuda)")
     ap.add_argument("--zero", default="0,1,2,3", help="ZeRO stages, comma-separated")
     ap.add_argument("--procs", default="1,2", help="process counts, comma-separated")
-    ap.add_argument("--micro-batch", type=int,
-                    help="clips per process per step (default: per preset)")
+    ap.add_argument(
+        "--micro-batch", type=int, help="clips per process per step (default: per preset)"
+    )
     ap.add_argument("--clip-frames", type=int, default=8)
-    ap.add_argument("--workers", type=int, help="loader workers per process (default 0 cpu, 4 cuda)")
+    ap.add_argument(
+        "--workers", type=int, help="loader workers per process (default 0 cpu, 4 cuda)"
+    )
     ap.add_argument("--steps", type=int, help="timed steps (default 3 on cpu, 30 on cuda)")
     ap.add_argument("--warmup", type=int, help="untimed first steps (default 2 on cpu, 10 on cuda)")
-    ap.add_argument("--peak-flops", type=float, default=0.0,
-                    help="nominal peak FLOP/s per device for MFU (e.g. 989e12 for H100/H200 bf16)")
+    ap.add_argument(
+        "--peak-flops",
+        type=float,
+        default=0.0,
+        help="nominal peak FLOP/s per device for MFU (e.g. 989e12 for H100/H200 bf16)",
+    )
     ap.add_argument("--data", type=Path, help="shards to train on (default: synthetic, built here)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per cell")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
@@ -181,16 +241,25 @@ def main() -> None:
         sys.exit(f"bench_train: {max(procs_list)} processes but {torch.cuda.device_count()} GPU(s)")
 
     peak_threads = cores if not cuda else torch.get_num_threads()
-    peak = {name: matmul_peak(dt, args.device, peak_threads)
-            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    print(f"matmul peak on {peak_threads} threads: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s", flush=True)
+    peak = {
+        name: matmul_peak(dt, args.device, peak_threads)
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+    }
+    print(
+        f"matmul peak on {peak_threads} threads: fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, "
+        f"bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s",
+        flush=True,
+    )
 
     flash = ""
     if cuda:  # at the bench's frame size, and at 256x256 (1,024 tokens a frame)
         mb = args.micro_batch or MICRO_BATCH.get(presets[0], 4)
-        flash = " ".join([flash_check(presets[0], mb, args.clip_frames),
-                          flash_check(presets[0], max(1, mb // 16), args.clip_frames, 256)])
+        flash = " ".join(
+            [
+                flash_check(presets[0], mb, args.clip_frames),
+                flash_check(presets[0], max(1, mb // 16), args.clip_frames, 256),
+            ]
+        )
     if flash:
         print(flash, flush=True)
     rows = []
@@ -208,22 +277,51 @@ def main() -> None:
                     cell_peak = matmul_peak(torch.bfloat16, args.device, peak_threads, 1.5)
                     run_dir = Path(tmp) / f"{preset}-z{zero}-p{procs}"
                     t0 = time.perf_counter()
-                    res = run_cell(data, run_dir, preset, zero, procs, threads, mb,
-                                   args.clip_frames, warmup + steps, args.device, args.timeout,
-                                   args.workers)
-                    row = {"preset": preset, "params_m": params_m, "zero": zero, "procs": procs,
-                           "threads": threads, "micro_batch": mb, "load": load, "peak": cell_peak,
-                           "wall_s": time.perf_counter() - t0, **res}
+                    res = run_cell(
+                        data,
+                        run_dir,
+                        preset,
+                        zero,
+                        procs,
+                        threads,
+                        mb,
+                        args.clip_frames,
+                        warmup + steps,
+                        args.device,
+                        args.timeout,
+                        args.workers,
+                    )
+                    row = {
+                        "preset": preset,
+                        "params_m": params_m,
+                        "zero": zero,
+                        "procs": procs,
+                        "threads": threads,
+                        "micro_batch": mb,
+                        "load": load,
+                        "peak": cell_peak,
+                        "wall_s": time.perf_counter() - t0,
+                        **res,
+                    }
                     if "step_s" in res:
                         step_s = statistics.median(res["step_s"][warmup:])
                         fps = mb * args.clip_frames * procs / step_s
-                        row.update(step_s=step_s, steps_per_s=1 / step_s, frames_per_s=fps,
-                                   flops=fps * flops_frame)
+                        row.update(
+                            step_s=step_s,
+                            steps_per_s=1 / step_s,
+                            frames_per_s=fps,
+                            flops=fps * flops_frame,
+                        )
                         if args.peak_flops:
                             row["mfu"] = fps * flops_frame / (args.peak_flops * procs)
                     rows.append(row)
-                    print(json.dumps({k: v for k, v in row.items() if k != "step_s"} |
-                                     {"step_s": row.get("step_s")}), flush=True)
+                    print(
+                        json.dumps(
+                            {k: v for k, v in row.items() if k != "step_s"}
+                            | {"step_s": row.get("step_s")}
+                        ),
+                        flush=True,
+                    )
 
     md = section(rows, peak, peak_threads, args, cores, steps, warmup, time.time() - start, flash)
     print(md)
@@ -233,26 +331,41 @@ def main() -> None:
 
 def section(rows, peak, peak_threads, args, cores, steps, warmup, wall, flash="") -> str:
     mfu = bool(args.peak_flops)
-    head = ("| preset | params | ZeRO | procs x threads | clips/proc | load (1 min) "
-            "| bf16 peak GFLOP/s | step s | steps/s | frames/s | achieved GFLOP/s | of peak |"
-            + (" MFU |" if mfu else "") + " peak mem GB | data wait |")
+    head = (
+        "| preset | params | ZeRO | procs x threads | clips/proc | load (1 min) "
+        "| bf16 peak GFLOP/s | step s | steps/s | frames/s | achieved GFLOP/s | of peak |"
+        + (" MFU |" if mfu else "")
+        + " peak mem GB | data wait |"
+    )
     sep = "|---" * (head.count("|") - 1) + "|"
     lines = [head, sep]
     best = max([peak["bf16"]] + [r["peak"] for r in rows])
     for r in rows:
-        cells = [r["preset"], f"{r['params_m']:.1f}M", str(r["zero"]),
-                 f"{r['procs']} x {r['threads']}", str(r["micro_batch"]), f"{r['load']:.1f}",
-                 f"{r['peak'] / 1e9:,.0f}"]
+        cells = [
+            r["preset"],
+            f"{r['params_m']:.1f}M",
+            str(r["zero"]),
+            f"{r['procs']} x {r['threads']}",
+            str(r["micro_batch"]),
+            f"{r['load']:.1f}",
+            f"{r['peak'] / 1e9:,.0f}",
+        ]
         if "error" in r:
             cells += [f"failed: {r['error']}"] + [""] * (6 + mfu)
         else:
-            cells += [f"{r['step_s']:.3f}", f"{r['steps_per_s']:.2f}", f"{r['frames_per_s']:,.0f}",
-                      f"{r['flops'] / 1e9:,.1f}", f"{r['flops'] / best:.1%}"]
+            cells += [
+                f"{r['step_s']:.3f}",
+                f"{r['steps_per_s']:.2f}",
+                f"{r['frames_per_s']:,.0f}",
+                f"{r['flops'] / 1e9:,.1f}",
+                f"{r['flops'] / best:.1%}",
+            ]
             cells += [f"{r['mfu']:.1%}"] if mfu else []
             cells += [f"{r['mem_gb']:.2f}", f"{r['wait']:.1%}"]
         lines.append("| " + " | ".join(cells) + " |")
-    device = (torch.cuda.get_device_name(0) if args.device == "cuda"
-              else f"CPU, {cores} cores usable")
+    device = (
+        torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {cores} cores usable"
+    )
     data = f"the shards in {args.data}" if args.data else "synthetic shards"
     n = 8192 if args.device == "cuda" else 2048
     mfu_note = f" MFU is against a nominal {args.peak_flops:.3g} FLOP/s per device." if mfu else ""
@@ -265,7 +378,7 @@ clips of {args.clip_frames} frames at 64x64; each cell is one run of {warmup} un
 {steps} timed steps (median step time; {wall / 60:.1f} min for the table). frames/s counts every frame computed
 on (padding included); achieved FLOP/s = `train_flops_per_frame` (matmuls + attention, forward
 and backward) x frames/s. Matmul peak: a timed {n}x{n} matmul on {peak_threads} threads, at the
-start (fp32 {peak['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:,.0f} GFLOP/s) and in bf16
+start (fp32 {peak["fp32"] / 1e9:,.0f} GFLOP/s, bf16 {peak["bf16"] / 1e9:,.0f} GFLOP/s) and in bf16
 just before each cell (its column); "of peak" is against the highest bf16 figure,
 {best / 1e9:,.0f} GFLOP/s.{mfu_note} Loader: {args.workers} worker(s) per process; "data wait" is
 the median share of a step spent waiting for the next batch (`data/wait_frac`). {flash}

@@ -45,9 +45,14 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
         if spec.hash == loaded.render_hash:
             (tmp / "render_spec.yaml").write_text(dump_yaml(spec))
             break
-    meta = {"step": loaded.step, "render_hash": loaded.render_hash,
-            "mlflow_run_id": loaded.mlflow_run_id, "tracking_uri": loaded.tracking_uri,
-            "source": str(loaded.path.resolve()), "parameters": sum(v.numel() for v in state.values())}
+    meta = {
+        "step": loaded.step,
+        "render_hash": loaded.render_hash,
+        "mlflow_run_id": loaded.mlflow_run_id,
+        "tracking_uri": loaded.tracking_uri,
+        "source": str(loaded.path.resolve()),
+        "parameters": sum(v.numel() for v in state.values()),
+    }
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -57,7 +62,9 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="a run dir (latest complete checkpoint) or a step_NNNNNNNN dir")
+    p.add_argument(
+        "checkpoint", help="a run dir (latest complete checkpoint) or a step_NNNNNNNN dir"
+    )
     p.add_argument("--out", required=True, help="the export directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
@@ -67,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
     meta = json.loads((out / "export.json").read_text())
-    print(f"{out}: step {meta['step']}, {meta['parameters']:,} parameters, render hash "
-          f"{meta['render_hash']}")
+    print(
+        f"{out}: step {meta['step']}, {meta['parameters']:,} parameters, render hash "
+        f"{meta['render_hash']}"
+    )
     return 0
 
 

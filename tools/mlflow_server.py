@@ -28,24 +28,45 @@ def free_port() -> int:
 def server_command(store: Path, port: int) -> list[str]:
     store.mkdir(parents=True, exist_ok=True)
     mlflow = Path(sys.executable).with_name("mlflow")
-    return [str(mlflow) if mlflow.exists() else "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{store.resolve() / 'mlflow.db'}",
-            "--artifacts-destination", str((store / "artifacts").resolve()),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return [
+        str(mlflow) if mlflow.exists() else "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{store.resolve() / 'mlflow.db'}",
+        "--artifacts-destination",
+        str((store / "artifacts").resolve()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
 
 
 def start_server(store: Path, port: int | None = None, timeout_s: float = 120.0):
     """Start a server; return (process, uri) once it answers /health. Caller terminates it."""
     port = port or free_port()
-    log = open(store.parent / f"mlflow-server-{port}.log", "ab") if store.parent.exists() else subprocess.DEVNULL
+    log = (
+        open(store.parent / f"mlflow-server-{port}.log", "ab")
+        if store.parent.exists()
+        else subprocess.DEVNULL
+    )
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(server_command(store, port), stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        server_command(store, port),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see its log in {store.parent}")
+            raise RuntimeError(
+                f"mlflow server exited with {proc.returncode}; see its log in {store.parent}"
+            )
         try:
             with urllib.request.urlopen(uri + "/health", timeout=2) as r:
                 if r.status == 200:
@@ -69,12 +90,16 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dir", default="runs/mlflow", help="store folder (SQLite db + artifacts)")
     ap.add_argument("--port", type=int, default=5000)
     args = ap.parse_args()
     proc, uri = start_server(Path(args.dir), args.port)
-    print(f"MLflow server at {uri} (store {args.dir}); export MLFLOW_TRACKING_URI={uri}; Ctrl-C stops it")
+    print(
+        f"MLflow server at {uri} (store {args.dir}); export MLFLOW_TRACKING_URI={uri}; Ctrl-C stops it"
+    )
     try:
         proc.wait()
     except KeyboardInterrupt:

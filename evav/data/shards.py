@@ -106,7 +106,11 @@ def shard_paths(directory: str | Path, split) -> list[str]:
     ``pipe:`` commands, absolute paths and ``..`` are refused: a manifest names files only.
     """
     for sh in split.shards:
-        if sh.path.startswith("pipe:") or Path(sh.path).is_absolute() or ".." in Path(sh.path).parts:
+        if (
+            sh.path.startswith("pipe:")
+            or Path(sh.path).is_absolute()
+            or ".." in Path(sh.path).parts
+        ):
             raise ValueError(
                 f"{directory}: manifest lists shard {sh.path!r}; shards must be files "
                 "inside the dataset directory (pipe: commands are refused)"

@@ -1,9 +1,9 @@
 """`evav eval` and `evav generate`.
 
-    evav eval runs/fsdd --data shards/fsdd --out results.json        # latest complete checkpoint
-    torchrun --nproc_per_node 2 -m evav.cli eval runs/fsdd --data shards/fsdd   # samples split over ranks
-    evav generate runs/fsdd --task fsdd --input 7_george_0.wav --frames 1 --out answer.gif
-    evav generate exports/tiny --task add --input "two plus two" --frames 1 --out answer.png
+evav eval runs/fsdd --data shards/fsdd --out results.json        # latest complete checkpoint
+torchrun --nproc_per_node 2 -m evav.cli eval runs/fsdd --data shards/fsdd   # samples split over ranks
+evav generate runs/fsdd --task fsdd --input 7_george_0.wav --frames 1 --out answer.gif
+evav generate exports/tiny --task add --input "two plus two" --frames 1 --out answer.png
 """
 
 from __future__ import annotations
@@ -17,21 +17,39 @@ log = logging.getLogger("evav.eval")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a run dir (its latest complete checkpoint), a "
-                   "RUN/checkpoints/step_NNNNNNNN dir, or an export dir (tools/export.py)")
-    p.add_argument("--data", required=True, help="dataset dir(s) with manifest.json, comma-separated")
-    p.add_argument("--split", default=None, help="default: test when every dataset has it, else val")
-    p.add_argument("--out", default=None, help="results JSON (default: RUN/eval/step_NNNNNNNN.json "
-                   "for a training checkpoint, else ./results.json)")
+    p.add_argument(
+        "checkpoint",
+        help="a run dir (its latest complete checkpoint), a "
+        "RUN/checkpoints/step_NNNNNNNN dir, or an export dir (tools/export.py)",
+    )
+    p.add_argument(
+        "--data", required=True, help="dataset dir(s) with manifest.json, comma-separated"
+    )
+    p.add_argument(
+        "--split", default=None, help="default: test when every dataset has it, else val"
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="results JSON (default: RUN/eval/step_NNNNNNNN.json "
+        "for a training checkpoint, else ./results.json)",
+    )
     p.add_argument("--limit", type=int, default=None, help="at most N samples per task")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-video-frames", type=int, default=8,
-                   help="frames predicted for pretraining clips (clips without an answer segment)")
+    p.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=8,
+        help="frames predicted for pretraining clips (clips without an answer segment)",
+    )
     p.add_argument("--report", default=None, help="report dir (default: next to --out, *_report)")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--allow-render-mismatch", action="store_true",
-                   help="evaluate even if the data was rendered differently from the training data")
+    p.add_argument(
+        "--allow-render-mismatch",
+        action="store_true",
+        help="evaluate even if the data was rendered differently from the training data",
+    )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -46,16 +64,25 @@ def main(args: argparse.Namespace) -> int:
     from evav.eval.run import EvalOptions, RenderMismatchError, evaluate
     from evav.eval.samples import default_split, load_eval_data
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     denv = dist.launch_env()
     if denv.world_size > 1:
         denv = dist.init(EngineConfig())
     try:
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if args.device == "auto" else args.device)
+        device = torch.device(
+            "cuda"
+            if args.device == "auto" and torch.cuda.is_available()
+            else "cpu"
+            if args.device == "auto"
+            else args.device
+        )
         if device.type == "cuda" and denv.world_size > 1:
             device = dist.device()
         dirs = [d for d in args.data.split(",") if d]
@@ -67,12 +94,21 @@ def main(args: argparse.Namespace) -> int:
             print(f"evav eval: error: {e}", file=sys.stderr)
             return 2
         if denv.is_main:
-            log.info("checkpoint %s (step %d), %d samples of split %r in %d task(s), %d process(es)",
-                     loaded.path, loaded.step, len(data.samples), split, len(data.by_task()),
-                     denv.world_size)
-        opts = EvalOptions(batch_size=args.batch_size, max_video_frames=args.max_video_frames,
-                           allow_render_mismatch=args.allow_render_mismatch,
-                           progress=not args.quiet)
+            log.info(
+                "checkpoint %s (step %d), %d samples of split %r in %d task(s), %d process(es)",
+                loaded.path,
+                loaded.step,
+                len(data.samples),
+                split,
+                len(data.by_task()),
+                denv.world_size,
+            )
+        opts = EvalOptions(
+            batch_size=args.batch_size,
+            max_video_frames=args.max_video_frames,
+            allow_render_mismatch=args.allow_render_mismatch,
+            progress=not args.quiet,
+        )
         try:
             results = evaluate(loaded, data, opts, denv.rank, denv.world_size, device)
         except RenderMismatchError as e:
@@ -80,8 +116,13 @@ def main(args: argparse.Namespace) -> int:
             return 2
         if not denv.is_main:
             return 0
-        results = {"checkpoint": str(loaded.path), "step": loaded.step,
-                   "model": loaded.config.model.preset, "processes": denv.world_size, **results}
+        results = {
+            "checkpoint": str(loaded.path),
+            "step": loaded.step,
+            "model": loaded.config.model.preset,
+            "processes": denv.world_size,
+            **results,
+        }
         out = Path(args.out) if args.out else default_out(loaded)
         report.write_results(results, out)
         files = [out]
@@ -89,10 +130,13 @@ def main(args: argparse.Namespace) -> int:
             rdir = Path(args.report) if args.report else out.with_name(out.stem + "_report")
             files.append(report.write_report(results, rdir).parent)
         print(report.summary_table(results))
-        print(f"results: {out}" + (f"\nreport:  {files[1] / 'report.md'}" if len(files) > 1 else ""))
+        print(
+            f"results: {out}" + (f"\nreport:  {files[1] / 'report.md'}" if len(files) > 1 else "")
+        )
         if not args.no_mlflow:
-            run_id = report.log_mlflow(results, files, loaded.tracking_uri, loaded.mlflow_run_id,
-                                       loaded.step)
+            run_id = report.log_mlflow(
+                results, files, loaded.tracking_uri, loaded.mlflow_run_id, loaded.step
+            )
             if run_id:
                 print(f"mlflow:  run {run_id} at {loaded.tracking_uri or 'the default store'}")
         return 0
@@ -109,14 +153,22 @@ def default_out(loaded) -> Path:
 
 # -- evav generate ---------------------------------------------------------------------------
 
+
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a run dir, a checkpoint dir or an export dir")
-    p.add_argument("--input", required=True,
-                   help="text, or an image/audio/video file (the modality comes from the suffix)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="text, or an image/audio/video file (the modality comes from the suffix)",
+    )
     p.add_argument("--task", required=True, help="the task name rendered in the first frame")
     p.add_argument("--frames", type=int, default=1, help="frames to generate after the prompt")
-    p.add_argument("--data", default=None, help="a dataset dir whose RenderSpec to render with "
-                   "(default: the training data's, else a default spec of the model's frame size)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a dataset dir whose RenderSpec to render with "
+        "(default: the training data's, else a default spec of the model's frame size)",
+    )
     p.add_argument("--video-frames", type=int, default=8, help="frames taken from a video input")
     p.add_argument("--out", required=True, help="clip.png | clip.gif | clip.mp4")
     p.add_argument("--allow-render-mismatch", action="store_true")
@@ -141,16 +193,22 @@ def generate_main(args: argparse.Namespace) -> int:
         return 2
     spec = render_spec_for(loaded, args.data)
     if spec.hash != loaded.render_hash and not args.allow_render_mismatch:
-        print(f"evav generate: error: the checkpoint was trained on render hash {loaded.render_hash}, "
-              f"this RenderSpec has {spec.hash}; pass --data DIR (the training data) or "
-              "--allow-render-mismatch", file=sys.stderr)
+        print(
+            f"evav generate: error: the checkpoint was trained on render hash {loaded.render_hash}, "
+            f"this RenderSpec has {spec.hash}; pass --data DIR (the training data) or "
+            "--allow-render-mismatch",
+            file=sys.stderr,
+        )
         return 2
     text = TextRenderer(spec)
     src = Path(args.input)
     if src.is_file():
         kind = guess_kind(src)
-        inputs = {"image": lambda: render_image(src, spec), "audio": lambda: render_audio(src, spec),
-                  "video": lambda: render_video(src, spec, args.video_frames)}[kind]()
+        inputs = {
+            "image": lambda: render_image(src, spec),
+            "audio": lambda: render_audio(src, spec),
+            "video": lambda: render_video(src, spec, args.video_frames),
+        }[kind]()
     else:
         inputs = text.render_text(args.input)
     prompt = np.concatenate([text.task_frame(args.task)[None], inputs, text.separator()[None]])

@@ -51,12 +51,16 @@ def resolve(path: str | Path) -> Path:
     if (p / "checkpoints").is_dir():
         last = checkpoint.latest(p)
         if last is None:
-            raise FileNotFoundError(f"run directory {p}: no complete checkpoint in {p / 'checkpoints'}")
+            raise FileNotFoundError(
+                f"run directory {p}: no complete checkpoint in {p / 'checkpoints'}"
+            )
         return last
     if (p / "train_state.pt").is_file():
         raise ValueError(f"checkpoint {p}: no {checkpoint.MARKER} marker; the save never completed")
-    raise ValueError(f"{p}: not a run directory, a checkpoint (step_NNNNNNNN with {checkpoint.MARKER}) "
-                     f"or an export (with {EXPORT_META})")
+    raise ValueError(
+        f"{p}: not a run directory, a checkpoint (step_NNNNNNNN with {checkpoint.MARKER}) "
+        f"or an export (with {EXPORT_META})"
+    )
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
@@ -85,8 +89,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model = build_model(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {p}: weights do not fit model {cfg.model.preset!r} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"checkpoint {p}: weights do not fit model {cfg.model.preset!r} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.to(device).eval()
     return Loaded(model, cfg, step, render_hash, run_id, uri, p)
 

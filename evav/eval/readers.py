@@ -32,7 +32,12 @@ from evav.eval.samples import EvalSample
 from evav.frames import TextRenderer, find_red_box
 from evav.frames.readback import TemplateDecoder
 
-KINDS = {"clevrer": "open", "tinyvirat": "multilabel", "lasot": "tracking", "colorize": "colorization"}
+KINDS = {
+    "clevrer": "open",
+    "tinyvirat": "multilabel",
+    "lasot": "tracking",
+    "colorize": "colorization",
+}
 
 
 def kind_of(task: str, samples: list[EvalSample]) -> str:
@@ -53,8 +58,9 @@ def prompt_length(meta: dict) -> int:
 class Reader:
     kind = ""
 
-    def __init__(self, task: str, samples: list[EvalSample], text: TextRenderer,
-                 max_video_frames: int = 8):
+    def __init__(
+        self, task: str, samples: list[EvalSample], text: TextRenderer, max_video_frames: int = 8
+    ):
         self.task, self.text, self.max_video_frames = task, text, max_video_frames
 
     def gen_length(self, s: EvalSample) -> int:
@@ -106,8 +112,9 @@ class ClassificationReader(Reader):
         return {"pred": self.nearest(gen_THWC), "true": str(s.meta["answer"])}
 
     def score(self, records):
-        return scores.classification([r["pred"] for r in records], [r["true"] for r in records],
-                                     self.labels)
+        return scores.classification(
+            [r["pred"] for r in records], [r["true"] for r in records], self.labels
+        )
 
 
 class _VocabularyReader(Reader):
@@ -167,8 +174,9 @@ class MultiLabelReader(_VocabularyReader):
         return {"pred": found, "true": sorted(self.true_labels(s)), "words": words}
 
     def score(self, records):
-        return scores.multilabel_f1([set(r["pred"]) for r in records],
-                                    [set(r["true"]) for r in records], self.labels)
+        return scores.multilabel_f1(
+            [set(r["pred"]) for r in records], [set(r["true"]) for r in records], self.labels
+        )
 
 
 class TrackingReader(Reader):
@@ -178,18 +186,30 @@ class TrackingReader(Reader):
 
     def read(self, gen_THWC, truth_THWC, s):
         boxes = s.meta.get("extra", {}).get("boxes")
-        first = prompt_length(s.meta) - int(s.meta["segments"].get("task", 1)) \
+        first = (
+            prompt_length(s.meta)
+            - int(s.meta["segments"].get("task", 1))
             - int(s.meta["segments"].get("separator", 0))
+        )
         ious = []
         for i, frame in enumerate(gen_THWC):
-            true = boxes[first + i] if boxes and first + i < len(boxes) else find_red_box(truth_THWC[i])
-            ious.append(scores.box_iou(find_red_box(frame), tuple(true) if true is not None else None))
+            true = (
+                boxes[first + i]
+                if boxes and first + i < len(boxes)
+                else find_red_box(truth_THWC[i])
+            )
+            ious.append(
+                scores.box_iou(find_red_box(frame), tuple(true) if true is not None else None)
+            )
         return {"iou_per_frame": ious, "iou": float(np.mean(ious))}
 
     def score(self, records):
         by_index = _per_index(records, "iou_per_frame")
-        return {"mean_iou": float(np.mean([r["iou"] for r in records])),
-                "iou_per_frame": by_index, "n": len(records)}
+        return {
+            "mean_iou": float(np.mean([r["iou"] for r in records])),
+            "iou_per_frame": by_index,
+            "n": len(records),
+        }
 
 
 class ColorizationReader(Reader):
@@ -198,11 +218,13 @@ class ColorizationReader(Reader):
     kind = "colorization"
 
     def read(self, gen_THWC, truth_THWC, s):
-        return {"colorfulness": scores.colorfulness(gen_THWC),
-                "colorfulness_true": scores.colorfulness(truth_THWC),
-                "cdc": scores.colour_distribution_consistency(gen_THWC),
-                "cdc_true": scores.colour_distribution_consistency(truth_THWC),
-                "psnr": scores.psnr(gen_THWC, truth_THWC)}
+        return {
+            "colorfulness": scores.colorfulness(gen_THWC),
+            "colorfulness_true": scores.colorfulness(truth_THWC),
+            "cdc": scores.colour_distribution_consistency(gen_THWC),
+            "cdc_true": scores.colour_distribution_consistency(truth_THWC),
+            "psnr": scores.psnr(gen_THWC, truth_THWC),
+        }
 
     def score(self, records):
         keys = ("colorfulness", "colorfulness_true", "cdc", "cdc_true", "psnr")
@@ -221,16 +243,31 @@ class VideoPredictionReader(Reader):
 
     def score(self, records):
         psnr, ssim = _per_index(records, "psnr_per_frame"), _per_index(records, "ssim_per_frame")
-        return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)),
-                "psnr_per_frame": psnr, "ssim_per_frame": ssim, "n": len(records)}
+        return {
+            "psnr": float(np.mean(psnr)),
+            "ssim": float(np.mean(ssim)),
+            "psnr_per_frame": psnr,
+            "ssim_per_frame": ssim,
+            "n": len(records),
+        }
 
 
-READERS = {r.kind: r for r in (ClassificationReader, OpenAnswerReader, MultiLabelReader,
-                               TrackingReader, ColorizationReader, VideoPredictionReader)}
+READERS = {
+    r.kind: r
+    for r in (
+        ClassificationReader,
+        OpenAnswerReader,
+        MultiLabelReader,
+        TrackingReader,
+        ColorizationReader,
+        VideoPredictionReader,
+    )
+}
 
 
-def make_reader(task: str, samples: list[EvalSample], text: TextRenderer,
-                max_video_frames: int = 8) -> Reader:
+def make_reader(
+    task: str, samples: list[EvalSample], text: TextRenderer, max_video_frames: int = 8
+) -> Reader:
     return READERS[kind_of(task, samples)](task, samples, text, max_video_frames)
 
 

@@ -27,8 +27,14 @@ from evav.manifest import write_json_atomic
 
 log = logging.getLogger("evav.eval")
 
-HEADLINE = {"classification": "accuracy", "open": "accuracy", "multilabel": "f1_macro",
-            "tracking": "mean_iou", "colorization": "colorfulness", "video_prediction": "psnr"}
+HEADLINE = {
+    "classification": "accuracy",
+    "open": "accuracy",
+    "multilabel": "f1_macro",
+    "tracking": "mean_iou",
+    "colorization": "colorfulness",
+    "video_prediction": "psnr",
+}
 
 
 def write_results(results: dict, out: Path) -> Path:
@@ -44,8 +50,10 @@ def summary_table(results: dict) -> str:
         metric = HEADLINE[r["kind"]]
         value = r.get(metric, float("nan"))
         chance = r.get("chance")
-        rows.append(f"| {task} | {r['kind']} | {r['samples']} | {metric} | {value:.3f} | "
-                    f"{'' if chance is None else f'{chance:.3f}'} |")
+        rows.append(
+            f"| {task} | {r['kind']} | {r['samples']} | {metric} | {value:.3f} | "
+            f"{'' if chance is None else f'{chance:.3f}'} |"
+        )
     return "\n".join(rows)
 
 
@@ -53,10 +61,17 @@ def write_report(results: dict, directory: Path) -> Path:
     """report.md with the summary table and example images (input | predicted | true)."""
     ex_dir = directory / "examples"
     ex_dir.mkdir(parents=True, exist_ok=True)
-    lines = [f"# Evaluation of {results.get('checkpoint', '?')} (step {results.get('step', '?')})", "",
-             f"Split `{results['split']}` of {', '.join(results['datasets'])}; render hash "
-             f"`{results['render_hash']}`.", "", summary_table(results), "",
-             "## Examples (rows: input | predicted | true)", ""]
+    lines = [
+        f"# Evaluation of {results.get('checkpoint', '?')} (step {results.get('step', '?')})",
+        "",
+        f"Split `{results['split']}` of {', '.join(results['datasets'])}; render hash "
+        f"`{results['render_hash']}`.",
+        "",
+        summary_table(results),
+        "",
+        "## Examples (rows: input | predicted | true)",
+        "",
+    ]
     for task, clips in results.get("_examples", {}).items():
         for i, (prompt, pred, true) in enumerate(clips):
             name = f"{task}_{i}.png"
@@ -88,8 +103,9 @@ def scalar_metrics(results: dict) -> dict[str, float]:
     return out
 
 
-def log_mlflow(results: dict, files: list[Path], tracking_uri: str | None, run_id: str | None,
-               step: int) -> str | None:
+def log_mlflow(
+    results: dict, files: list[Path], tracking_uri: str | None, run_id: str | None, step: int
+) -> str | None:
     """Log to the training run (or a new ``evav-eval`` run); returns the run id, None on failure."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -104,16 +120,26 @@ def log_mlflow(results: dict, files: list[Path], tracking_uri: str | None, run_i
             client.get_run(run_id)  # raises when the store does not have it
         else:
             exp = client.get_experiment_by_name("evav-eval")
-            exp_id = exp.experiment_id if exp else client.create_experiment(
-                "evav-eval", sqlite_artifact_location(tracking_uri or "", "evav-eval"))
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else client.create_experiment(
+                    "evav-eval", sqlite_artifact_location(tracking_uri or "", "evav-eval")
+                )
+            )
             run_id = client.create_run(exp_id, run_name=f"eval-step{step}").info.run_id
         import time
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in scalar_metrics(results).items()]
-        client.log_batch(run_id, metrics=metrics,
-                         tags=[RunTag("eval.step", str(step)),
-                               RunTag("eval.render_hash", results["render_hash"])])
+        client.log_batch(
+            run_id,
+            metrics=metrics,
+            tags=[
+                RunTag("eval.step", str(step)),
+                RunTag("eval.render_hash", results["render_hash"]),
+            ],
+        )
         for f in files:
             if f.is_dir():
                 client.log_artifacts(run_id, str(f), f"eval/step_{step:08d}/{f.name}")
@@ -121,8 +147,11 @@ def log_mlflow(results: dict, files: list[Path], tracking_uri: str | None, run_i
                 client.log_artifact(run_id, str(f), f"eval/step_{step:08d}")
         return run_id
     except Exception as e:  # noqa: BLE001 - the JSON file is the record; MLflow is best effort
-        log.warning("MLflow logging failed (%s: %s); results are in the JSON file",
-                    type(e).__name__, str(e)[:200])
+        log.warning(
+            "MLflow logging failed (%s: %s); results are in the JSON file",
+            type(e).__name__,
+            str(e)[:200],
+        )
         return None
 
 

@@ -50,15 +50,18 @@ def render_spec_of(data: EvalData) -> RenderSpec:
     if spec.hash != data.render_hash:
         raise RenderMismatchError(
             f"the data's render spec re-renders with hash {spec.hash}, its manifest says "
-            f"{data.render_hash} (a font or tokenizer file changed or moved?)")
+            f"{data.render_hash} (a font or tokenizer file changed or moved?)"
+        )
     return spec
 
 
 def check_render_hash(loaded: Loaded, data: EvalData, allow: bool) -> None:
     if loaded.render_hash == data.render_hash:
         return
-    msg = (f"checkpoint {loaded.path} was trained on frames rendered with hash {loaded.render_hash}, "
-           f"the evaluation data has {data.render_hash}")
+    msg = (
+        f"checkpoint {loaded.path} was trained on frames rendered with hash {loaded.render_hash}, "
+        f"the evaluation data has {data.render_hash}"
+    )
     if not allow:
         raise RenderMismatchError(msg + "; pass --allow-render-mismatch to evaluate anyway")
     log.warning("%s (allowed by --allow-render-mismatch)", msg)
@@ -75,27 +78,43 @@ def plan_batches(data: EvalData, readers: dict[str, Reader], batch_size: int) ->
     return batches
 
 
-def evaluate(loaded: Loaded, data: EvalData, opts: EvalOptions, rank: int = 0,
-             world: int = 1, device: torch.device | str = "cpu") -> dict:
+def evaluate(
+    loaded: Loaded,
+    data: EvalData,
+    opts: EvalOptions,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict:
     check_render_hash(loaded, data, opts.allow_render_mismatch)
     text = TextRenderer(render_spec_of(data))
     tasks = data.by_task(population=True)
-    readers = {t: make_reader(t, ss, text, opts.max_video_frames) for t, ss in tasks.items()
-               if t in data.by_task()}
+    readers = {
+        t: make_reader(t, ss, text, opts.max_video_frames)
+        for t, ss in tasks.items()
+        if t in data.by_task()
+    }
     batches = plan_batches(data, readers, opts.batch_size)
     mine = batches[rank::world]
     clips = ClipReader()
     records: list[tuple[int, dict]] = []
     examples: list[tuple[int, str, tuple]] = []
-    bar = tqdm(total=sum(len(b) for b in mine), unit="sample", desc="eval",
-               disable=not opts.progress or rank != 0)
+    bar = tqdm(
+        total=sum(len(b) for b in mine),
+        unit="sample",
+        desc="eval",
+        disable=not opts.progress or rank != 0,
+    )
     amp = torch.device(device).type == "cuda"
     try:
         for batch in mine:
-            recs, ex = _run_batch(loaded.model, batch, [data.samples[i] for i in batch], readers,
-                                  clips, device, amp)
+            recs, ex = _run_batch(
+                loaded.model, batch, [data.samples[i] for i in batch], readers, clips, device, amp
+            )
             records += list(zip(batch, recs))
-            examples += [e for e in ex if sum(t == e[1] for _, t, _ in examples) < opts.examples_per_task]
+            examples += [
+                e for e in ex if sum(t == e[1] for _, t, _ in examples) < opts.examples_per_task
+            ]
             bar.update(len(batch))
     finally:
         bar.close()
@@ -103,12 +122,21 @@ def evaluate(loaded: Loaded, data: EvalData, opts: EvalOptions, rank: int = 0,
     gathered = [r for part in dist.all_gather_objects(records) for r in part]
     gathered.sort(key=lambda r: r[0])
     results = _score(gathered, data, readers)
-    results["_examples"] = _first_examples(dist.all_gather_objects(examples), opts.examples_per_task)
+    results["_examples"] = _first_examples(
+        dist.all_gather_objects(examples), opts.examples_per_task
+    )
     return results
 
 
-def _run_batch(model, index: list[int], samples: list[EvalSample], readers: dict[str, Reader],
-               clips: ClipReader, device, amp: bool) -> tuple[list[dict], list]:
+def _run_batch(
+    model,
+    index: list[int],
+    samples: list[EvalSample],
+    readers: dict[str, Reader],
+    clips: ClipReader,
+    device,
+    amp: bool,
+) -> tuple[list[dict], list]:
     """Generate and read one batch (same task, prompt length and generated length)."""
     reader = readers[samples[0].task]
     p, n = prompt_length(samples[0].meta), reader.gen_length(samples[0])
@@ -147,12 +175,21 @@ def _score(records: list[tuple[int, dict]], data: EvalData, readers: dict[str, R
         reader = readers[task]
         metrics = reader.score(ok) if ok else {}
         metrics.pop("n", None)
-        tasks[task] = {"kind": reader.kind, "samples": len(ok), "skipped": len(recs) - len(ok),
-                       "chance": chance_level(reader), **metrics}
-    return {"split": data.split, "render_hash": data.render_hash,
-            "datasets": sorted(data.manifests), "tasks": tasks,
-            "skipped_metadata": len(data.bad),
-            "predictions": [r for _, r in records]}
+        tasks[task] = {
+            "kind": reader.kind,
+            "samples": len(ok),
+            "skipped": len(recs) - len(ok),
+            "chance": chance_level(reader),
+            **metrics,
+        }
+    return {
+        "split": data.split,
+        "render_hash": data.render_hash,
+        "datasets": sorted(data.manifests),
+        "tasks": tasks,
+        "skipped_metadata": len(data.bad),
+        "predictions": [r for _, r in records],
+    }
 
 
 def _first_examples(parts: list[list], per_task: int) -> dict[str, list[tuple]]:

@@ -80,8 +80,10 @@ def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> Eva
         if split not in m.splits:
             raise ValueError(f"{d}: no split {split!r} (it has {sorted(m.splits)}); pass --split")
         if manifests and m.render_hash != next(iter(manifests.values())).render_hash:
-            raise ValueError(f"{d}: rendered with hash {m.render_hash}, unlike {next(iter(manifests))}; "
-                             "evaluate datasets of one RenderSpec together")
+            raise ValueError(
+                f"{d}: rendered with hash {m.render_hash}, unlike {next(iter(manifests))}; "
+                "evaluate datasets of one RenderSpec together"
+            )
         manifests[d] = m
         for path in shard_paths(d, m.splits[split]):
             idx = reader.index(path)
@@ -125,7 +127,9 @@ class ClipReader:
             raise BadSample(f"{s.shard}: sample {s.key}: {e}") from None
         want = expected_frames(s.meta)
         if want and len(frames) != want:
-            raise BadSample(f"{s.shard}: sample {s.key}: decoded {len(frames)} frames, metadata says {want}")
+            raise BadSample(
+                f"{s.shard}: sample {s.key}: decoded {len(frames)} frames, metadata says {want}"
+            )
         return frames
 
     def close(self) -> None:

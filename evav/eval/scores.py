@@ -17,7 +17,9 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def classification(pred: Sequence[str], true: Sequence[str], labels: Sequence[str] | None = None) -> dict:
+def classification(
+    pred: Sequence[str], true: Sequence[str], labels: Sequence[str] | None = None
+) -> dict:
     """Accuracy, weighted and macro F1, and the confusion matrix (rows = true, cols = predicted).
 
     ``labels`` fixes the class order; predictions outside it count as wrong for every class.
@@ -35,8 +37,12 @@ def classification(pred: Sequence[str], true: Sequence[str], labels: Sequence[st
     predicted = np.array([sum(1 for p in pred if p == c) for c in labels], dtype=float)
     precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
     recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
-                   where=(precision + recall) > 0)
+    f1 = np.divide(
+        2 * precision * recall,
+        precision + recall,
+        out=np.zeros_like(tp),
+        where=(precision + recall) > 0,
+    )
     n = len(true)
     present = support > 0
     return {
@@ -49,7 +55,9 @@ def classification(pred: Sequence[str], true: Sequence[str], labels: Sequence[st
     }
 
 
-def multilabel_f1(pred: Sequence[set[str]], true: Sequence[set[str]], labels: Sequence[str]) -> dict:
+def multilabel_f1(
+    pred: Sequence[set[str]], true: Sequence[set[str]], labels: Sequence[str]
+) -> dict:
     """Macro F1 over ``labels`` for multi-label answers (sets of label words per sample)."""
     f1s = []
     for c in labels:
@@ -60,11 +68,16 @@ def multilabel_f1(pred: Sequence[set[str]], true: Sequence[set[str]], labels: Se
             continue  # a label never present contributes nothing
         f1s.append(2 * tp / (2 * tp + fp + fn))
     exact = sum(1 for p, t in zip(pred, true) if set(p) == set(t))
-    return {"f1_macro": float(np.mean(f1s)) if f1s else 0.0,
-            "exact_match": exact / len(true) if len(true) else 0.0, "n": len(true)}
+    return {
+        "f1_macro": float(np.mean(f1s)) if f1s else 0.0,
+        "exact_match": exact / len(true) if len(true) else 0.0,
+        "n": len(true),
+    }
 
 
-def box_iou(a: tuple[float, float, float, float] | None, b: tuple[float, float, float, float] | None) -> float:
+def box_iou(
+    a: tuple[float, float, float, float] | None, b: tuple[float, float, float, float] | None
+) -> float:
     """IoU of two inclusive pixel boxes ``(x0, y0, x1, y1)``; 0 when either is missing."""
     if a is None or b is None:
         return 0.0
@@ -103,7 +116,11 @@ def colour_distribution_consistency(frames_THWC: np.ndarray, bins: int = 32) -> 
         m = 0.5 * (p + q)
         return 0.5 * (p * np.log(p / m)).sum() + 0.5 * (q * np.log(q / m)).sum()
 
-    vals = [js(hist(a, c), hist(b, c)) for a, b in zip(frames_THWC[:-1], frames_THWC[1:]) for c in range(3)]
+    vals = [
+        js(hist(a, c), hist(b, c))
+        for a, b in zip(frames_THWC[:-1], frames_THWC[1:])
+        for c in range(3)
+    ]
     return float(np.mean(vals))
 
 
@@ -137,12 +154,17 @@ def ssim(pred: np.ndarray, true: np.ndarray, window: int = 7) -> float:
 def per_frame_quality(pred_NTHWC: np.ndarray, true_NTHWC: np.ndarray) -> dict:
     """PSNR and SSIM for each predicted frame index, averaged over samples."""
     if pred_NTHWC.shape != true_NTHWC.shape:
-        raise ValueError(f"prediction {pred_NTHWC.shape} and truth {true_NTHWC.shape} differ in shape")
+        raise ValueError(
+            f"prediction {pred_NTHWC.shape} and truth {true_NTHWC.shape} differ in shape"
+        )
     n, t = pred_NTHWC.shape[:2]
     ps = [[psnr(pred_NTHWC[i, j], true_NTHWC[i, j]) for i in range(n)] for j in range(t)]
     ss = [[ssim(pred_NTHWC[i, j], true_NTHWC[i, j]) for i in range(n)] for j in range(t)]
     finite = lambda xs: [x for x in xs if np.isfinite(x)] or [100.0]  # noqa: E731
-    return {"psnr_per_frame": [float(np.mean(finite(x))) for x in ps],
-            "ssim_per_frame": [float(np.mean(x)) for x in ss],
-            "psnr": float(np.mean([np.mean(finite(x)) for x in ps])),
-            "ssim": float(np.mean(ss)), "n": n}
+    return {
+        "psnr_per_frame": [float(np.mean(finite(x))) for x in ps],
+        "ssim_per_frame": [float(np.mean(x)) for x in ss],
+        "psnr": float(np.mean([np.mean(finite(x)) for x in ps])),
+        "ssim": float(np.mean(ss)),
+        "n": n,
+    }
