@@ -11,18 +11,24 @@ Each sample is ``KEY.mp4`` (the whole clip ``[task][inputs][separator][outputs]`
 
 Both are plain JSON; ``Manifest.from_dict`` / ``SampleMeta.from_dict`` check the fields, so a
 reader fails with the file and the missing key rather than deep inside the loader.
-``FORMAT_VERSION`` changes when the layout changes incompatibly.
+``parse_sample_meta`` is the one way a reader turns ``KEY.json`` bytes into a ``SampleMeta``: any
+malformed metadata (not JSON, not an object, a missing field, a wrong type) is a ``ValueError``
+with the reason, which readers turn into a skipped, counted bad sample.
+``SampleMeta.clip_sha256`` is the sha256 of the sample's ``KEY.mp4`` bytes (``clip_checksum``),
+checked by every reader before decoding: a flipped bit that the codec would conceal is caught.
+``FORMAT_VERSION`` changes when the layout changes incompatibly (2: ``clip_sha256``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -40,6 +46,7 @@ class SampleMeta:
     answer: str  # answer text ("" for video answers and pretraining clips)
     label: Any  # the raw label (class index, label list, ...) or None
     render_hash: str
+    clip_sha256: str  # sha256 of the KEY.mp4 bytes (clip_checksum), checked at decode time
     extra: dict[str, Any] = field(default_factory=dict)  # builder-specific (question, boxes, ...)
 
     def to_json(self) -> bytes:
@@ -109,6 +116,11 @@ class Manifest:
         if m.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"{where}: format_version {m.format_version}, this evav reads {FORMAT_VERSION}"
+                + (
+                    " (version 1 shards carry no clip checksums: rebuild with `evav preprocess`)"
+                    if m.format_version == 1
+                    else ""
+                )
             )
         m.splits = {
             name: _from_dict(SplitInfo, s, f"{where}: splits.{name}")
@@ -136,6 +148,58 @@ def _from_dict(cls, d: Any, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
     return cls(**d)
+
+
+def clip_checksum(data: bytes) -> str:
+    """The checksum a sample's metadata carries for its encoded clip: sha256, hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+_META_TYPES: dict[str, type | tuple[type, ...]] = {
+    "key": str,
+    "task": str,
+    "split": str,
+    "source": str,
+    "segments": dict,
+    "num_frames": int,
+    "supervise": str,
+    "answer": str,
+    "render_hash": str,
+    "clip_sha256": str,
+    "extra": dict,
+}
+
+
+def parse_sample_meta(data: bytes, where: str = "sample") -> SampleMeta:
+    """``KEY.json`` bytes -> a checked ``SampleMeta``; ValueError says what is wrong.
+
+    Checked: JSON, an object, every field present and of its type, segments a map of
+    non-negative frame counts that sum to ``num_frames``, ``supervise`` one of outputs/all.
+    """
+    try:
+        d = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{where}: metadata is not JSON ({type(e).__name__}: {e})") from None
+    meta = SampleMeta.from_dict(d, where)
+    for name, typ in _META_TYPES.items():
+        v = getattr(meta, name)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ValueError(
+                f"{where}: metadata field {name} is {type(v).__name__}, not {typ.__name__}"
+            )
+    seg = meta.segments
+    if not seg or any(
+        not isinstance(k, str) or not isinstance(n, int) or isinstance(n, bool) or n < 0
+        for k, n in seg.items()
+    ):
+        raise ValueError(f"{where}: metadata segments {str(seg)[:80]} are not frame counts")
+    if sum(seg.values()) != meta.num_frames or meta.num_frames < 1:
+        raise ValueError(
+            f"{where}: metadata segments sum to {sum(seg.values())}, num_frames is {meta.num_frames}"
+        )
+    if meta.supervise not in ("outputs", "all"):
+        raise ValueError(f"{where}: metadata supervise {meta.supervise[:40]!r} is not outputs/all")
+    return meta
 
 
 def manifest_path(directory: str | Path) -> Path:

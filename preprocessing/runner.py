@@ -44,7 +44,7 @@ from evav.config import apply_overrides, from_dict, to_dict
 from evav.errors import BadInputError
 from evav.frames import RenderSpec, build_clip
 from evav.frames.video import set_decode_threads
-from evav.manifest import Manifest, SampleMeta, write_json_atomic
+from evav.manifest import Manifest, SampleMeta, clip_checksum, write_json_atomic
 from preprocessing.builders import Builder, Item, get_builder
 from preprocessing.layout import (
     part_path,
@@ -242,6 +242,7 @@ def render_sample(
     """One input -> shard members ``{"mp4": clip, "json": metadata}``; BadInputError if bad."""
     ex = builder.example(item)
     clip = build_clip(builder.text, ex.task, ex.inputs, ex.outputs, ex.supervise)
+    data = encode_clip(clip.frames, CodecSpec.parse(codec))
     meta = SampleMeta(
         key=key,
         task=ex.task,
@@ -253,9 +254,9 @@ def render_sample(
         answer=ex.answer,
         label=ex.label,
         render_hash=builder.spec.hash,
+        clip_sha256=clip_checksum(data),
         extra=ex.extra,
     )
-    data = encode_clip(clip.frames, CodecSpec.parse(codec))
     return {"mp4": data, "json": meta.to_json()}, meta
 
 

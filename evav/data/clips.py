@@ -16,14 +16,14 @@ Decoders (``DataConfig.decoder``), both through ``evav.codec.decode_clip``:
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import av.logging
 import numpy as np
 
 from evav.codec import decode_clip
 from evav.data.order import rng
+from evav.manifest import SampleMeta, clip_checksum, parse_sample_meta
 
 DECODERS = ("pyav", "decord")
 
@@ -79,6 +79,26 @@ def loss_mask_for(meta: dict, num_frames: int) -> np.ndarray:
     return mask
 
 
+def checked_meta(members: dict[str, bytes], render_hash: str | None = None) -> SampleMeta:
+    """The sample's metadata, checked, and its clip bytes checked against it (before decoding):
+    both members present, ``KEY.json`` well formed (``parse_sample_meta``), the ``KEY.mp4`` bytes
+    matching ``clip_sha256``, and (if given) the sample rendered with ``render_hash``. Any
+    failure is ``BadSample`` with the reason."""
+    if "mp4" not in members or "json" not in members:
+        raise BadSample(f"missing member(s): has {sorted(members)}, needs mp4 and json")
+    try:
+        meta = parse_sample_meta(members["json"], "KEY.json")
+    except ValueError as e:
+        raise BadSample(str(e)) from None
+    if clip_checksum(members["mp4"]) != meta.clip_sha256:
+        raise BadSample("clip checksum mismatch (the KEY.mp4 bytes differ from clip_sha256)")
+    if render_hash is not None and meta.render_hash != render_hash:
+        raise BadSample(
+            f"rendered with hash {meta.render_hash[:16]}, the dataset's is {render_hash}"
+        )
+    return meta
+
+
 def make_sample(
     members: dict[str, bytes],
     key: str,
@@ -86,28 +106,24 @@ def make_sample(
     frame_hw: tuple[int, int],
     seed: int,
     backend: str = "pyav",
+    render_hash: str | None = None,
 ) -> Sample:
     """Decode and check one sample; crop it to at most ``clip_frames`` (padding is the batch's:
     it writes each clip once, into its own buffer)."""
-    if "mp4" not in members or "json" not in members:
-        raise BadSample(f"missing member(s): has {sorted(members)}, needs mp4 and json")
-    try:
-        meta = json.loads(members["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadSample(f"metadata is not JSON ({e})") from None
+    meta = checked_meta(members, render_hash)
     frames = decode(members["mp4"], backend)
-    want = expected_frames(meta)
-    if want and len(frames) != want:
+    want = meta.num_frames
+    if len(frames) != want:
         raise BadSample(f"decoded {len(frames)} frames, metadata says {want} (truncated clip?)")
     if frames.shape[1:3] != tuple(frame_hw):
         raise BadSample(f"frame size {frames.shape[1:3]}, dataset renders {tuple(frame_hw)}")
-    mask = loss_mask_for(meta, len(frames))
+    mask = loss_mask_for(asdict(meta), len(frames))
     t = len(frames)
     if t > clip_frames:
         # A supervised answer sits at the clip's end: keep it. Pretraining clips ("all") get a
         # window chosen from (seed, key), so the choice is exact on resume and worker-free.
         start = t - clip_frames
-        if meta.get("supervise") == "all":
+        if meta.supervise == "all":
             start = int(rng(seed, "crop", key).integers(0, t - clip_frames + 1))
         frames, mask = frames[start : start + clip_frames], mask[start : start + clip_frames]
-    return Sample(frames, mask, str(meta.get("task", "")), key, str(meta.get("answer", "")))
+    return Sample(frames, mask, meta.task, key, meta.answer)

@@ -94,6 +94,7 @@ class Loader:
         self.names = _dataset_names(cfg.train)
         _check_compatible(self.manifests, cfg.train)
         self.render_hash = self.manifests[0].render_hash
+        self._render_hashes = [m.render_hash for m in self.manifests]  # a sample must match its own
         self.frame_size = self.manifests[0].frame_size
         self.task_names = sorted(
             {t for m in self.manifests for s in m.splits.values() for t in s.tasks}
@@ -308,7 +309,13 @@ class _Stream(torch.utils.data.IterableDataset):
                 raise BadSample(f"sample missing ({why})")
             key, members = got
             return make_sample(
-                members, key, ld.cfg.clip_frames, ld.frame_size, ld.seed, ld.cfg.decoder
+                members,
+                key,
+                ld.cfg.clip_frames,
+                ld.frame_size,
+                ld.seed,
+                ld.cfg.decoder,
+                ld._render_hashes[d],
             )
         except BadSample as e:  # counted and logged by the consumer, rate-limited
             meta["skipped"] += 1
