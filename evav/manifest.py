@@ -11,6 +11,10 @@ Each sample is ``KEY.mp4`` (the whole clip ``[task][inputs][separator][outputs]`
 
 Both are plain JSON; ``Manifest.from_dict`` / ``SampleMeta.from_dict`` check the fields, so a
 reader fails with the file and the missing key rather than deep inside the loader.
+``Manifest.from_dict`` also checks every field's type and that the counts are consistent and
+physically possible (``MIN_SAMPLE_BYTES`` per sample; ``load_manifest`` also against the shard
+files' real sizes), so a reader may size per-sample arrays from them: a hostile manifest is a
+``ValueError`` naming ``DIR/manifest.json`` and the field (``splits.train.shards[3].samples``).
 ``parse_sample_meta`` is the one way a reader turns ``KEY.json`` bytes into a ``SampleMeta``: any
 malformed metadata (not JSON, not an object, a missing field, a wrong type) is a ``ValueError``
 with the reason, which readers turn into a skipped, counted bad sample.
@@ -24,9 +28,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import MISSING, asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
 
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
@@ -112,7 +117,15 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST_NAME) -> Manifest:
+        """Check and build; ValueError ``WHERE: FIELD.PATH: problem`` on the first violation.
+
+        Checked beyond presence: every field's type (an int is never a bool), counts >= 0,
+        sha256 as 64 lowercase hex digits, shard paths as relative files inside the directory,
+        a split's totals against its shards and its quarantine, and counts that fit their bytes
+        (``MIN_SAMPLE_BYTES``). A reader can then size arrays from the counts without surprises.
+        """
         m = _from_dict(cls, d, where)
+        _check_fields(m, _MANIFEST_FIELDS, where, "")
         if m.format_version != FORMAT_VERSION:
             raise ValueError(
                 f"{where}: format_version {m.format_version}, this evav reads {FORMAT_VERSION}"
@@ -122,15 +135,55 @@ class Manifest:
                     else ""
                 )
             )
-        m.splits = {
-            name: _from_dict(SplitInfo, s, f"{where}: splits.{name}")
-            for name, s in m.splits.items()
-        }
-        for name, s in m.splits.items():
+        for name in ("height", "width"):
+            v = m.render_spec.get(name)
+            if not _is_int(v) or not _FRAME_SIDE[0] <= v <= _FRAME_SIDE[1]:
+                _fail(
+                    where, f"render_spec.{name}", f"{_show(v)} is not a frame side in {_FRAME_SIDE}"
+                )
+        for name, v in m.shard_samples.items():
+            if not _is_int(v) or v < 1:
+                _fail(where, f"shard_samples.{name}", f"{_show(v)} is not an int >= 1")
+        _check_strings(m.commands, where, "commands")
+        m.quarantined = [
+            _from_dict(Quarantined, q, f"{where}: quarantined[{i}]")
+            for i, q in enumerate(m.quarantined)
+        ]
+        for i, q in enumerate(m.quarantined):
+            _check_fields(q, _QUARANTINED_FIELDS, where, f"quarantined[{i}]")
+            if q.split not in m.splits:
+                _fail(where, f"quarantined[{i}].split", f"{q.split[:40]!r} is not a split")
+        seen: dict[str, str] = {}
+        for name, s in list(m.splits.items()):
+            at = f"splits.{name}"
+            s = m.splits[name] = _from_dict(SplitInfo, s, f"{where}: {at}")
+            _check_fields(s, _SPLIT_FIELDS, where, at)
+            for task, n in s.tasks.items():
+                if not _is_int(n) or n < 0:
+                    _fail(where, f"{at}.tasks.{task}", f"{_show(n)} is not a count (an int >= 0)")
             s.shards = [
-                _from_dict(ShardInfo, x, f"{where}: splits.{name}.shards") for x in s.shards
+                _from_dict(ShardInfo, x, f"{where}: {at}.shards[{i}]")
+                for i, x in enumerate(s.shards)
             ]
-        m.quarantined = [_from_dict(Quarantined, q, f"{where}: quarantined") for q in m.quarantined]
+            for i, sh in enumerate(s.shards):
+                _check_shard(sh, where, f"{at}.shards[{i}]", seen)
+            for total in ("samples", "frames"):
+                want = sum(getattr(sh, total) for sh in s.shards)
+                if getattr(s, total) != want:
+                    _fail(
+                        where,
+                        f"{at}.{total}",
+                        f"{getattr(s, total)}, but its shards hold {want} {total}",
+                    )
+            if sum(s.tasks.values()) != s.samples:
+                _fail(where, f"{at}.tasks", f"sum to {sum(s.tasks.values())}, not {s.samples}")
+            quarantined = sum(q.split == name for q in m.quarantined)
+            if s.inputs != s.samples + quarantined:
+                _fail(
+                    where,
+                    f"{at}.inputs",
+                    f"{s.inputs}, but samples + quarantined = {s.samples} + {quarantined}",
+                )
         return m
 
 
@@ -148,6 +201,133 @@ def _from_dict(cls, d: Any, where: str):
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
     return cls(**d)
+
+
+# -- manifest validation -------------------------------------------------------------------------
+# The smallest sample a shard can hold: two tar members (KEY.mp4, KEY.json), each a 512-byte header
+# plus its data padded to whole 512-byte blocks, and a member with 1..512 bytes of data (neither
+# member is ever empty: the clip has a container, the metadata is a JSON object) takes 2 blocks.
+# The archive's end marker (two zero blocks, then padding to 10 KiB records) is deliberately not
+# counted, so the bound holds for tar writers that omit it: ``samples * 2048 <= bytes``.
+MIN_SAMPLE_BYTES = 2 * (512 + 512)
+MAX_FILE_BYTES = 2**63 - 1  # st_size is a signed 64-bit off_t: no file is larger
+MAX_MANIFEST_BYTES = 2**30  # ~5M shards' worth; a larger file is not a manifest we wrote
+_FRAME_SIDE = (8, 1024)  # evav.frames.RenderSpec's range for height and width
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# field -> the type it must have; "count" is an int >= 0 (never a bool)
+_MANIFEST_FIELDS = {
+    "builder": str,
+    "builder_version": int,
+    "options": dict,
+    "render_spec": dict,
+    "render_hash": str,
+    "codec": str,
+    "seed": int,
+    "shard_samples": dict,
+    "splits": dict,
+    "quarantined": list,
+    "commands": list,
+    "code_version": str,
+    "format_version": int,
+}
+_SPLIT_FIELDS = {
+    "samples": "count",
+    "frames": "count",
+    "inputs": "count",
+    "tasks": dict,
+    "shards": list,
+}
+_SHARD_FIELDS = {
+    "path": str,
+    "samples": "count",
+    "frames": "count",
+    "bytes": "count",
+    "sha256": str,
+}
+_QUARANTINED_FIELDS = {"split": str, "source": str, "reason": str}
+
+
+def _fail(where: str, path: str, problem: str) -> NoReturn:
+    raise ValueError(f"{where}: {path}: {problem}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(v: Any) -> str:
+    """A value for an error message: its type, and the value itself when it is short."""
+    text = repr(v)
+    return f"{type(v).__name__} {text}" if len(text) <= 40 else f"a {type(v).__name__}"
+
+
+def _check_fields(obj: Any, spec: dict[str, Any], where: str, at: str) -> None:
+    for name, want in spec.items():
+        v = getattr(obj, name)
+        path = f"{at}.{name}" if at else name
+        if want == "count":
+            if not _is_int(v) or v < 0:
+                _fail(where, path, f"{_show(v)} is not a count (an int >= 0)")
+        elif not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            _fail(where, path, f"{_show(v)} is not {want.__name__}")
+
+
+def _check_strings(v: list, where: str, at: str) -> None:
+    for i, x in enumerate(v):
+        if not isinstance(x, str):
+            _fail(where, f"{at}[{i}]", f"{_show(x)} is not str")
+
+
+def check_shard_path(path: str) -> str | None:
+    """Why ``path`` cannot name a shard file inside a dataset directory, or None if it can."""
+    if not path or "\0" in path:
+        return "is empty or holds a NUL byte"
+    if path.startswith("pipe:"):
+        return "is a shell command (pipe:); shards must be files inside the dataset directory"
+    p = PurePosixPath(path)
+    if p.is_absolute() or Path(path).is_absolute():
+        return "is absolute; shard paths are relative to the dataset directory"
+    if ".." in p.parts or ".." in Path(path).parts:
+        return "leaves the dataset directory (..)"
+    if path.endswith("/") or p.name in ("", "."):
+        return "names a folder, not a shard file"
+    return None
+
+
+def _check_shard(sh: ShardInfo, where: str, at: str, seen: dict[str, str]) -> None:
+    _check_fields(sh, _SHARD_FIELDS, where, at)
+    why = check_shard_path(sh.path)
+    if why:
+        _fail(where, f"{at}.path", f"{sh.path[:80]!r} {why}")
+    norm = str(PurePosixPath(sh.path))
+    if norm in seen:
+        _fail(where, f"{at}.path", f"{sh.path[:80]!r} is listed twice (also {seen[norm]})")
+    seen[norm] = at
+    if not _is_sha256(sh.sha256):
+        _fail(where, f"{at}.sha256", f"{sh.sha256[:80]!r} is not 64 lowercase hex digits")
+    if sh.bytes > MAX_FILE_BYTES:
+        _fail(where, f"{at}.bytes", f"{sh.bytes} is larger than any file can be")
+    if sh.samples * MIN_SAMPLE_BYTES > sh.bytes:
+        _fail(where, f"{at}.samples", _no_fit(sh.samples, sh.bytes))
+    # every clip has at least one frame, and every frame at least one byte of coded data
+    if not sh.samples <= sh.frames <= sh.bytes:
+        _fail(
+            where,
+            f"{at}.frames",
+            f"{sh.frames} frames for {sh.samples} samples in {sh.bytes} bytes",
+        )
+
+
+def _no_fit(samples: int, size: int, of: str = "") -> str:
+    return (
+        f"{samples} samples cannot fit in {size} bytes{of} "
+        f"(a sample takes at least {MIN_SAMPLE_BYTES} bytes of tar)"
+    )
+
+
+def _is_sha256(v: str) -> bool:
+    return _SHA256.fullmatch(v) is not None
 
 
 def clip_checksum(data: bytes) -> str:
@@ -206,19 +386,43 @@ def manifest_path(directory: str | Path) -> Path:
     return Path(directory) / MANIFEST_NAME
 
 
-def load_manifest(directory: str | Path) -> Manifest:
-    """Read ``DIR/manifest.json``; ValueError names the file and what is wrong with it."""
+def load_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
+    """Read ``DIR/manifest.json``; ValueError names the file and what is wrong with it.
+
+    ``check_files``: also refuse a shard whose sample count cannot fit in the file on disk (a
+    manifest that lies about ``bytes`` as well as ``samples``); missing files are left to the
+    reader (``evav.data.shards.shard_paths``), mismatching ones to ``evav inspect --verify``,
+    which passes False to report every shard's problem instead of stopping at the first.
+    """
     path = manifest_path(directory)
     if not path.is_file():
         raise ValueError(
             f"{path}: no manifest (build the dataset with `evav preprocess`, "
             "or finish a --part build with `evav preprocess --merge --out DIR`)"
         )
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ValueError(f"{path}: {size} bytes, too large for a manifest")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return Manifest.from_dict(data, str(path))
+        data = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and ints past Python's 4300-digit limit
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    m = Manifest.from_dict(data, str(path))
+    if check_files:
+        for name, s in m.splits.items():
+            for i, sh in enumerate(s.shards):
+                try:
+                    real = (Path(directory) / sh.path).stat().st_size
+                except OSError:
+                    continue
+                if sh.samples * MIN_SAMPLE_BYTES > real:
+                    _fail(
+                        str(path),
+                        f"splits.{name}.shards[{i}].samples",
+                        _no_fit(sh.samples, real, f", the size of {Path(directory) / sh.path}"),
+                    )
+    return m
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
