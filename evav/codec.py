@@ -144,17 +144,31 @@ def sws_one_thread() -> dict:
     return {"threads": 1}
 
 
-def decode_clip_pyav(data: bytes) -> np.ndarray:
-    """mp4 bytes -> ``(T, H, W, 3)`` uint8 with PyAV; ValueError if nothing decodes."""
+def decode_clip_pyav(
+    data: bytes, max_frames: int | None = None, frame_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """mp4 bytes -> ``(T, H, W, 3)`` uint8 with PyAV; ValueError if nothing decodes.
+
+    ``max_frames`` / ``frame_hw``: what the caller expects (from the sample's metadata and the
+    dataset's RenderSpec). Decoding stops with a ValueError at the first frame past
+    ``max_frames`` or of another size, before converting it: a small hostile mp4 of many large
+    flat frames is refused without allocating them.
+    """
+    frames = []
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             # one thread, as decord's num_threads=1: a loader worker is one core, and FFmpeg's
             # slice/frame threads cost more than they give on small clips
             stream.thread_count = 1
-            frames = [
-                f.to_ndarray(format="rgb24", **sws_one_thread()) for f in container.decode(stream)
-            ]
+            for f in container.decode(stream):
+                if frame_hw is not None and (f.height, f.width) != tuple(frame_hw):
+                    raise ValueError(
+                        f"frame size {(f.height, f.width)}, expected {tuple(frame_hw)}"
+                    )
+                if max_frames is not None and len(frames) >= max_frames:
+                    raise ValueError(f"more than the {max_frames} frames expected")
+                frames.append(f.to_ndarray(format="rgb24", **sws_one_thread()))
     except (av.error.FFmpegError, IndexError, EOFError) as e:
         raise ValueError(f"undecodable clip: {e}") from None
     if not frames:
@@ -162,27 +176,43 @@ def decode_clip_pyav(data: bytes) -> np.ndarray:
     return np.stack(frames)
 
 
-def decode_clip_decord(data: bytes) -> np.ndarray:
-    """mp4 bytes -> ``(T, H, W, 3)`` uint8 with decord (decodes FFV1, x264 and x264rgb too)."""
+def decode_clip_decord(
+    data: bytes, max_frames: int | None = None, frame_hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """mp4 bytes -> ``(T, H, W, 3)`` uint8 with decord (decodes FFV1, x264 and x264rgb too);
+    ``max_frames`` / ``frame_hw`` as in ``decode_clip_pyav``, checked before decoding."""
     import decord
 
     try:
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        return vr.get_batch(list(range(len(vr)))).asnumpy()
+        n = len(vr)
+        if max_frames is not None and n > max_frames:
+            raise ValueError(f"{n} frames, more than the {max_frames} expected")
+        if frame_hw is not None and n and tuple(vr[0].shape[:2]) != tuple(frame_hw):
+            raise ValueError(f"frame size {tuple(vr[0].shape[:2])}, expected {tuple(frame_hw)}")
+        return vr.get_batch(list(range(n))).asnumpy()
+    except ValueError:
+        raise
     except Exception as e:  # noqa: BLE001 - decord raises its own (DECORDError, RuntimeError)
         raise ValueError(f"undecodable clip ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def decode_clip(data: bytes, backend: str = "decord") -> np.ndarray:
-    """mp4 bytes -> frames with ``backend`` (``decord``, falling back to PyAV; or ``pyav``)."""
+def decode_clip(
+    data: bytes,
+    backend: str = "decord",
+    max_frames: int | None = None,
+    frame_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """mp4 bytes -> frames with ``backend`` (``decord``, falling back to PyAV; or ``pyav``);
+    ``max_frames`` / ``frame_hw``: refuse clips longer or of another size (see above)."""
     if backend == "pyav":
-        return decode_clip_pyav(data)
+        return decode_clip_pyav(data, max_frames, frame_hw)
     if backend != "decord":
         raise ValueError(f"decode backend must be 'decord' or 'pyav', got {backend!r}")
     try:
-        return decode_clip_decord(data)
+        return decode_clip_decord(data, max_frames, frame_hw)
     except ValueError:
-        return decode_clip_pyav(data)
+        return decode_clip_pyav(data, max_frames, frame_hw)
 
 
 def probe(data: bytes) -> str:
