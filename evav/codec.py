@@ -144,6 +144,15 @@ def sws_one_thread() -> dict:
     return {"threads": 1}
 
 
+class ClipShapeError(ValueError):
+    """A clip with more frames than expected, or frames of another size (``kind`` says which:
+    ``frame_count`` or ``frame_size``, the loader's reason slugs)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def decode_clip_pyav(
     data: bytes, max_frames: int | None = None, frame_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -163,11 +172,14 @@ def decode_clip_pyav(
             stream.thread_count = 1
             for f in container.decode(stream):
                 if frame_hw is not None and (f.height, f.width) != tuple(frame_hw):
-                    raise ValueError(
-                        f"frame size {(f.height, f.width)}, expected {tuple(frame_hw)}"
+                    raise ClipShapeError(
+                        f"frame size {(f.height, f.width)}, dataset renders {tuple(frame_hw)}",
+                        "frame_size",
                     )
                 if max_frames is not None and len(frames) >= max_frames:
-                    raise ValueError(f"more than the {max_frames} frames expected")
+                    raise ClipShapeError(
+                        f"more than the {max_frames} frames expected", "frame_count"
+                    )
                 frames.append(f.to_ndarray(format="rgb24", **sws_one_thread()))
     except (av.error.FFmpegError, IndexError, EOFError) as e:
         raise ValueError(f"undecodable clip: {e}") from None
@@ -187,9 +199,12 @@ def decode_clip_decord(
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
         n = len(vr)
         if max_frames is not None and n > max_frames:
-            raise ValueError(f"{n} frames, more than the {max_frames} expected")
+            raise ClipShapeError(f"{n} frames, more than the {max_frames} expected", "frame_count")
         if frame_hw is not None and n and tuple(vr[0].shape[:2]) != tuple(frame_hw):
-            raise ValueError(f"frame size {tuple(vr[0].shape[:2])}, expected {tuple(frame_hw)}")
+            raise ClipShapeError(
+                f"frame size {tuple(vr[0].shape[:2])}, dataset renders {tuple(frame_hw)}",
+                "frame_size",
+            )
         return vr.get_batch(list(range(n))).asnumpy()
     except ValueError:
         raise

@@ -450,9 +450,10 @@ def _verify_sample(v, label, key, members, split, render_hash, frame_hw):
     if split is not None and meta.split != split:
         v.add(label, key, "split", f"KEY.json says split {meta.split[:40]!r}, it is in {split!r}")
     try:
-        clip = decode(members["mp4"], "pyav")
+        clip = decode(members["mp4"], "pyav", meta.num_frames, frame_hw)
     except BadSample as e:
-        v.add(label, key, "decode", str(e))
+        kind = {"frame_count": "frame count", "frame_size": "frame size"}.get(e.kind, "decode")
+        v.add(label, key, kind, str(e))
         return meta
     if len(clip) != meta.num_frames:
         v.add(

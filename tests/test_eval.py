@@ -67,14 +67,17 @@ def test_eval_run_dir_writes_results_report_and_mlflow(trained):
     assert r["step"] == 4 and r["split"] == "val" and r["render_hash"]
     assert set(r["tasks"]) == {"add", "count", "direction", "next", "pitch"}
     for task, m in r["tasks"].items():
-        assert m["samples"] == PER_TASK and m["skipped"] == 0
+        assert m["samples"] == PER_TASK and m["skipped"] == {} and m["skipped_total"] == 0
         if task == "next":
             assert m["kind"] == "video_prediction" and len(m["psnr_per_frame"]) == 2
         else:
             assert m["kind"] == "classification" and 0 <= m["accuracy"] <= 1
             assert sum(map(sum, m["confusion"])) == PER_TASK
     assert len(r["predictions"]) == 5 * PER_TASK
-    assert "| count | classification | 6 |" in done.stdout
+    assert "| count | classification | 6 | 0 | accuracy |" in done.stdout
+    assert (
+        r["skipped_total"] == 0 and r["skipped_samples"] == [] and "bad sample" not in done.stdout
+    )
     report = out.with_name("step_00000004_report")
     assert (report / "report.md").is_file() and len(list((report / "examples").glob("*.png"))) == 10
     # logged into the training run, at the checkpoint's step
@@ -222,10 +225,13 @@ def test_corrupt_clip_is_skipped_and_counted(trained, tmp_path):
         "--quiet",
     )
     r = results(tmp_path / "r.json")
-    assert sum(m["skipped"] for m in r["tasks"].values()) == 1
+    # the zeroed bytes no longer match the clip's checksum: caught before decoding
+    assert [m["skipped"] for m in r["tasks"].values() if m["skipped"]] == [{"checksum": 1}]
     assert sum(m["samples"] for m in r["tasks"].values()) == 5 * PER_TASK - 1
-    bad = [p for p in r["predictions"] if "bad" in p]
-    assert len(bad) == 1 and "shard-000000.tar" in bad[0]["bad"]
+    assert r["skipped"] == {"checksum": 1} and r["skipped_total"] == 1
+    (bad,) = r["skipped_samples"]
+    assert bad["where"] == f"{shard} key '00000000'" and bad["reason"] == "checksum"
+    assert len(r["predictions"]) == 5 * PER_TASK - 1
 
 
 def test_errors_name_the_problem(trained, tmp_path):

@@ -141,3 +141,14 @@ def test_pretraining_clip_is_split_in_half():
     assert prompt_length(s.meta) == 11
     r = make_reader("video", [s], TEXT, max_video_frames=8)
     assert r.truth_length(s) == 8
+
+
+def test_an_answer_that_renders_to_no_frame_is_never_read_out():
+    samples = [sample("sst2", a) for a in ("good", " ", "bad")]
+    r = ClassificationReader("sst2", samples, TEXT)
+    assert r.labels == [" ", "bad", "good"] and r.gen_length(samples[0]) == 1
+    blank = np.zeros((1, 64, 64, 3), np.uint8)  # nearest to an empty template, were it allowed
+    assert r.nearest(blank) in ("bad", "good")
+    assert r.nearest(TEXT.render_text("good")) == "good"
+    with pytest.raises(ValueError, match="no candidate answer renders to a frame"):
+        ClassificationReader("sst2", [sample("sst2", " "), sample("sst2", "\t")], TEXT)

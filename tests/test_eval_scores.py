@@ -79,3 +79,9 @@ def test_psnr_ssim_known_values():
     assert 0 < ssim(noisy, img) < 0.9
     q = per_frame_quality(np.stack([img[None], noisy[None]]), np.stack([img[None], img[None]]))
     assert len(q["psnr_per_frame"]) == 1 and q["n"] == 2
+
+
+def test_per_frame_quality_refuses_nothing_to_compare():
+    empty = np.zeros((1, 0, 8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="no frames to compare"):
+        per_frame_quality(empty, empty)

@@ -1,5 +1,5 @@
 """evav.data: stream shards built by `evav preprocess` into training batches (see loader.py)."""
 
-from evav.data.loader import DataConfig, Loader
+from evav.data.loader import Batches, DataConfig, DataExhaustedError, Loader
 
-__all__ = ["DataConfig", "Loader"]
+__all__ = ["Batches", "DataConfig", "DataExhaustedError", "Loader"]

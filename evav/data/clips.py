@@ -3,8 +3,9 @@
 Checks that catch silent corruption: the decoder's own error log (FFV1 slice CRCs, H.264
 bitstream errors: FFmpeg conceals these and returns frames anyway), the decoded frame count
 against the metadata's (a truncated mp4 can decode a few frames without error), and the frame
-size against the dataset's RenderSpec. Any failure raises ``BadSample`` with the reason; the
-loader skips the sample, counts it and logs it with its shard and key.
+size against the dataset's RenderSpec. Any failure raises ``BadSample`` with the reason and a
+``kind`` from ``REASONS``; the loader skips the sample, counts it per kind (``data/skipped/KIND``)
+and logs it with its shard and key.
 
 Decoders (``DataConfig.decoder``), both through ``evav.codec.decode_clip``:
 
@@ -21,15 +22,34 @@ from dataclasses import asdict, dataclass
 import av.logging
 import numpy as np
 
-from evav.codec import decode_clip
+from evav.codec import ClipShapeError, decode_clip
 from evav.data.order import rng
 from evav.manifest import SampleMeta, clip_checksum, parse_sample_meta
 
 DECODERS = ("pyav", "decord")
 
+# Why a sample was skipped: the fixed vocabulary of ``BadSample.kind`` (and of the loader's
+# ``data/skipped/KIND`` metrics, which need one fixed set to be summed over ranks).
+REASONS = (
+    "missing_sample",  # the shard holds fewer samples than its manifest says (cut or corrupt tar)
+    "missing_member",  # KEY.mp4 or KEY.json absent
+    "bad_metadata",  # KEY.json not JSON, not an object, a field missing or of the wrong type
+    "checksum",  # the KEY.mp4 bytes differ from the metadata's clip_sha256
+    "render_hash",  # rendered with another RenderSpec than its dataset's manifest
+    "decode",  # the decoder failed or reported errors
+    "frame_count",  # decoded frames differ from the metadata's num_frames
+    "frame_size",  # decoded frames differ from the dataset's RenderSpec
+    "read_error",  # the shard file could not be read (vanished, not a file, not a tar)
+    "other",  # anything else raised while making the sample
+)
+
 
 class BadSample(ValueError):
-    pass
+    """One sample cannot be used; ``str(e)`` says why, ``e.kind`` is one of ``REASONS``."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind if kind in REASONS else "other"
 
 
 @dataclass
@@ -41,26 +61,46 @@ class Sample:
     answer: str
 
 
-def decode(data: bytes, backend: str = "pyav") -> np.ndarray:
-    """mp4 bytes -> ``(T, H, W, 3)`` uint8; ``BadSample`` if it does not decode cleanly."""
+def decode(
+    data: bytes,
+    backend: str = "pyav",
+    max_frames: int | None = None,
+    frame_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """mp4 bytes -> ``(T, H, W, 3)`` uint8; ``BadSample`` (kind ``decode``) if it does not decode
+    cleanly, whatever the decoder raised (PyAV, decord and numpy have their own exceptions).
+
+    ``max_frames`` / ``frame_hw`` (the metadata's frame count, the dataset's frame size) bound the
+    decode itself: a clip with more or larger frames stops at the first such frame (kind
+    ``frame_count`` / ``frame_size``), so a forged clip cannot make the decoder allocate more
+    than the sample says it holds."""
     if backend == "decord":
         try:
-            return decode_clip(data, "decord")
-        except ValueError as e:
-            raise BadSample(str(e)) from None
+            return decode_clip(data, "decord", max_frames, frame_hw)
+        except ClipShapeError as e:
+            raise BadSample(str(e), e.kind) from None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's
+            raise BadSample(_why(e), "decode") from None
     old = av.logging.get_level()
     av.logging.set_level(av.logging.ERROR)  # PyAV keeps FFmpeg's log off unless asked
     try:
         with av.logging.Capture() as logs:
-            frames = decode_clip(data, "pyav")
-    except ValueError as e:
-        raise BadSample(str(e)) from None
+            frames = decode_clip(data, "pyav", max_frames, frame_hw)
+    except ClipShapeError as e:
+        raise BadSample(str(e), e.kind) from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's
+        raise BadSample(_why(e), "decode") from None
     finally:
         av.logging.set_level(old)
     errors = [msg.strip() for level, _, msg in logs if level <= av.logging.ERROR]
     if errors:
-        raise BadSample(f"decoder errors ({errors[0][:80]}; {len(errors)} in all)")
+        raise BadSample(f"decoder errors ({errors[0][:80]}; {len(errors)} in all)", "decode")
     return frames
+
+
+def _why(e: Exception) -> str:
+    """A decoder exception as a reason: ours (ValueError) as they are, others with their type."""
+    return str(e) if type(e) is ValueError else f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def expected_frames(meta: dict) -> int:
@@ -85,16 +125,21 @@ def checked_meta(members: dict[str, bytes], render_hash: str | None = None) -> S
     matching ``clip_sha256``, and (if given) the sample rendered with ``render_hash``. Any
     failure is ``BadSample`` with the reason."""
     if "mp4" not in members or "json" not in members:
-        raise BadSample(f"missing member(s): has {sorted(members)}, needs mp4 and json")
+        raise BadSample(
+            f"missing member(s): has {sorted(members)}, needs mp4 and json", "missing_member"
+        )
     try:
         meta = parse_sample_meta(members["json"], "KEY.json")
-    except ValueError as e:
-        raise BadSample(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - ValueError by contract; anything else is bad data too
+        raise BadSample(_why(e), "bad_metadata") from None
     if clip_checksum(members["mp4"]) != meta.clip_sha256:
-        raise BadSample("clip checksum mismatch (the KEY.mp4 bytes differ from clip_sha256)")
+        raise BadSample(
+            "clip checksum mismatch (the KEY.mp4 bytes differ from clip_sha256)", "checksum"
+        )
     if render_hash is not None and meta.render_hash != render_hash:
         raise BadSample(
-            f"rendered with hash {meta.render_hash[:16]}, the dataset's is {render_hash}"
+            f"rendered with hash {meta.render_hash[:16]}, the dataset's is {render_hash}",
+            "render_hash",
         )
     return meta
 
@@ -111,12 +156,16 @@ def make_sample(
     """Decode and check one sample; crop it to at most ``clip_frames`` (padding is the batch's:
     it writes each clip once, into its own buffer)."""
     meta = checked_meta(members, render_hash)
-    frames = decode(members["mp4"], backend)
+    frames = decode(members["mp4"], backend, meta.num_frames, frame_hw)
     want = meta.num_frames
     if len(frames) != want:
-        raise BadSample(f"decoded {len(frames)} frames, metadata says {want} (truncated clip?)")
+        raise BadSample(
+            f"decoded {len(frames)} frames, metadata says {want} (truncated clip?)", "frame_count"
+        )
     if frames.shape[1:3] != tuple(frame_hw):
-        raise BadSample(f"frame size {frames.shape[1:3]}, dataset renders {tuple(frame_hw)}")
+        raise BadSample(
+            f"frame size {frames.shape[1:3]}, dataset renders {tuple(frame_hw)}", "frame_size"
+        )
     mask = loss_mask_for(asdict(meta), len(frames))
     t = len(frames)
     if t > clip_frames:

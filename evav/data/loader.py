@@ -16,21 +16,43 @@ Stages (each a function or small class you can test alone):
 State is tiny: the next global slot and, per dataset, how many samples it has supplied. It is
 the same on every rank, so a run resumes exactly with any number of workers, and with another
 number of ranks it continues each dataset's sequence with no sample lost or repeated.
+
+Bad samples: whatever reading, parsing or decoding one sample raises (``BadSample``, an
+``OSError`` from a vanished shard, a tar, struct, numpy or decoder error; never Ctrl-C or
+``SystemExit``) skips that sample. The worker records it with a kind (``clips.REASONS``) and a
+reason naming the shard and key; the consumer counts it (``data/skipped``,
+``data/skipped/KIND``) and logs it, rate-limited. The consumer also counts bad samples in a row:
+``data.max_bad_in_a_row`` of them with no good one between stops the run with
+``DataExhaustedError`` (the datasets, the commonest kinds, an example of each). Counting on the
+consumer's side, from each batch's ``meta``, keeps that check in one place and its message
+intact (an exception raised in a DataLoader worker reaches the consumer re-wrapped).
+
+Waiting: ``Loader.iterate(should_stop)`` returns a ``Batches`` iterator whose ``wait(n)``
+returns once ``n`` batches are ready, or False as soon as ``should_stop()`` is true (checked
+between samples without workers, every ``_POLL_S`` with them). The trainer waits there, at a step
+boundary, so a preemption signal is honoured while the data is late; nothing it waited for is
+consumed, so the loader's state is still that of the last batch handed out.
+
+Lockstep: with several ranks, a rank none of whose samples in a global batch was good gets a
+placeholder batch (one all-padding clip: no loss, no gradient) instead of skipping ahead, so every
+rank takes global batch n in the same step and the ranks' states stay equal.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from evav.data.clips import DECODERS, BadSample, make_sample
+from evav.data.clips import DECODERS, REASONS, BadSample, Sample, make_sample
 from evav.data.handoff import FrameSlots
 from evav.data.order import DatasetOrder, mix_choices
 from evav.data.shards import ShardReader, shard_paths
@@ -39,6 +61,7 @@ from evav.manifest import Manifest, load_manifest
 log = logging.getLogger(__name__)
 
 _PREFETCH = 2  # batches each DataLoader worker prepares ahead
+_POLL_S = 0.2  # with workers, how often a wait for data checks should_stop
 
 
 @dataclass
@@ -53,6 +76,14 @@ class DataConfig:
     decoder: Literal["pyav", "decord"] = "pyav"  # decord: faster, trusted shards only (clips.py)
     pin_workers: bool = False  # pin DataLoader worker w to CPU core w (mod the cores allowed)
     val_split: str = "val"  # split used for periodic validation (if the datasets have it)
+    # stop (DataExhaustedError) after this many bad samples in a row on a rank (0: never): an
+    # all-bad dataset stops in seconds; a mix with an all-bad one at weight 0.5 has a 0.5**1000 chance
+    max_bad_in_a_row: int = 1000
+
+
+class DataExhaustedError(RuntimeError):
+    """No good sample in the last ``data.max_bad_in_a_row`` read; the message names the datasets,
+    the commonest reasons (kinds, counts) and an example of each."""
 
 
 class Loader:
@@ -82,6 +113,9 @@ class Loader:
             raise ValueError(f"data.mix_by must be 'samples' or 'frames', got {cfg.mix_by!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        bad = cfg.max_bad_in_a_row
+        if not isinstance(bad, int) or isinstance(bad, bool) or bad < 0:
+            raise ValueError(f"data.max_bad_in_a_row must be an int >= 0, got {bad!r}")
         for d in cfg.train:  # shell-command URLs: the reader seeks into files, it never runs pipes
             if str(d).startswith("pipe:"):
                 raise ValueError(
@@ -100,7 +134,7 @@ class Loader:
             {t for m in self.manifests for s in m.splits.values() for t in s.tasks}
         )
         self.task_ids = {t: i for i, t in enumerate(self.task_names)}
-        self._stats = {"skipped": 0, "wait_s": 0.0, "served": np.zeros(len(self.names), np.int64)}
+        self._stats = _new_stats(len(self.names))
         self._state = {"slot": 0, "counts": [0] * len(self.names)}
         self._datasets = None
         if self.has_split(self.split):
@@ -164,25 +198,25 @@ class Loader:
         self._state = {"slot": first["slot"], "counts": list(first["counts"])}
 
     def reset(self) -> None:
+        """Back to the start, statistics too (validation reads its split afresh each time)."""
         self._state = {"slot": 0, "counts": [0] * len(self.names)}
+        self._stats = _new_stats(len(self.names))
 
     def stats(self, reduce=None) -> dict[str, float]:
-        """``data/skipped`` (since the start), ``data/wait_s`` (seconds waited for data since the
+        """``data/skipped`` (bad samples since the start) and ``data/skipped/KIND`` for each kind
+        of ``clips.REASONS`` that occurred, ``data/wait_s`` (seconds waited for data since the
         last call, mean over ranks) and the realised mix ``data/mix/NAME`` (share of samples, or
         of unpadded frames with ``mix_by=frames``, since the start); ``reduce(tensor, "sum")``
-        sums over ranks."""
-        t = torch.tensor(
-            [
-                float(self._stats["skipped"]),
-                self._stats["wait_s"],
-                *self._stats["served"].astype(float),
-            ]
-        )
+        sums over ranks (every rank sends the same fixed-length vector)."""
+        skipped, served = self._stats["skipped"], self._stats["served"]
+        t = torch.tensor([self._stats["wait_s"], *served, *skipped], dtype=torch.float64)
         self._stats["wait_s"] = 0.0
         if reduce is not None:
             t = reduce(t, "sum")
-        served = t[2:]
-        out = {"data/skipped": float(t[0]), "data/wait_s": float(t[1]) / max(1, self.world)}
+        wait, served, skipped = t[0], t[1 : 1 + len(served)], t[1 + len(served) :]
+        out = {"data/skipped": float(skipped.sum())}
+        out.update({f"data/skipped/{k}": float(n) for k, n in zip(REASONS, skipped) if n > 0})
+        out["data/wait_s"] = float(wait) / max(1, self.world)
         if served.sum() > 0:
             out.update(
                 {f"data/mix/{n}": float(served[i] / served.sum()) for i, n in enumerate(self.names)}
@@ -190,75 +224,245 @@ class Loader:
         return out
 
     # -- iteration ----------------------------------------------------------------------------
-    def __iter__(self):
+    def __iter__(self) -> Batches:
+        return self.iterate()
+
+    def iterate(self, should_stop: Callable[[], bool] | None = None) -> Batches:
+        """One pass from the current state (endless unless ``infinite=False``); ``should_stop``:
+        a check that ends ``Batches.wait`` early (the trainer's preemption flag)."""
         if self._datasets is None:
             raise ValueError(f"split {self.split!r} is missing from some of {self.cfg.train}")
-        slots = None
-        if self.cfg.num_workers > 0:
-            h, w = self.frame_size
-            nbytes = self.batch_size * self.cfg.clip_frames * h * w * 3
-            slots = FrameSlots(self.cfg.num_workers, _PREFETCH + 1, nbytes)
-        stream = _Stream(self, dict(self._state), slots)
-        if self.cfg.num_workers > 0:
-            it = iter(
+        return Batches(self, should_stop)
+
+    def _consumed(self, meta: dict) -> None:
+        """A batch was handed out: the state moves past it (and past the bad ones before it)."""
+        self._state = {"slot": meta["slot"], "counts": list(meta["counts"])}
+        self._stats["served"] += np.asarray(meta["served"])
+
+    def _placeholder(self) -> dict:
+        """One all-padding clip: no frame is a target, so its loss is 0 and its gradient too."""
+        t, (h, w) = self.cfg.clip_frames, self.frame_size
+        return {
+            "frames": torch.zeros((1, t, h, w, 3), dtype=torch.uint8),
+            "loss_mask": torch.zeros((1, t), dtype=torch.bool),
+            "pad_mask": torch.ones((1, t), dtype=torch.bool),
+            "task_id": torch.zeros(1, dtype=torch.int64),
+            "task": [""],
+            "key": [""],
+            "answer": [""],
+        }
+
+
+def _new_stats(num_datasets: int) -> dict:
+    return {
+        "skipped": np.zeros(len(REASONS), np.int64),  # per kind, in REASONS order
+        "wait_s": 0.0,
+        "served": np.zeros(num_datasets, np.int64),
+    }
+
+
+_END = object()  # the pass is over (a finite split read to its end)
+
+
+class Batches:
+    """A Loader's batches: ``next()`` hands one out (and moves the loader's state past it);
+    ``wait(n)`` returns True once ``n`` are ready, or False as soon as ``should_stop()`` is true
+    (or the pass has ended), handing none out. ``next()`` itself waits as long as it takes.
+
+    Batches arrive with their ``meta`` (state after them, samples served, every sample's outcome);
+    the bad outcomes are counted, logged and checked against ``max_bad_in_a_row`` here, on
+    arrival, in the order of the global batches.
+    """
+
+    def __init__(self, loader: Loader, should_stop: Callable[[], bool] | None = None):
+        self.loader, self.should_stop = loader, should_stop
+        cfg = loader.cfg
+        self._slots = None
+        if cfg.num_workers > 0:
+            h, w = loader.frame_size
+            nbytes = loader.batch_size * cfg.clip_frames * h * w * 3
+            self._slots = FrameSlots(cfg.num_workers, _PREFETCH + 1, nbytes)
+        self._stream = _Stream(loader, dict(loader._state), self._slots)
+        if cfg.num_workers > 0:
+            self._workers = iter(
                 torch.utils.data.DataLoader(
-                    stream,
+                    self._stream,
                     batch_size=None,
-                    num_workers=self.cfg.num_workers,
+                    num_workers=cfg.num_workers,
                     prefetch_factor=_PREFETCH,
                     collate_fn=_as_is,  # not default_convert: numpy arrays travel as bytes
-                    worker_init_fn=_pin_worker if self.cfg.pin_workers else None,
+                    worker_init_fn=_pin_worker if cfg.pin_workers else None,
+                    timeout=_POLL_S,  # a get gives up after this long: wait() checks should_stop
                 )
             )
-        else:
-            it = iter(stream)
-        while True:
-            t0 = time.perf_counter()  # stall accounting: how long the consumer waits
-            try:
-                batch, meta = next(it)
-            except StopIteration:
-                return
-            self._stats["wait_s"] += time.perf_counter() - t0
-            self._state = {"slot": meta["slot"], "counts": meta["counts"]}
-            self._stats["skipped"] += meta["skipped"]
-            self._stats["served"] += np.asarray(meta["served"])
-            for msg in meta["errors"]:
-                _log_bad(msg)
+        else:  # in this process: read plan by plan, checking should_stop between samples
+            self._plans, self._plan, self._reader = self._stream.plans(), None, ShardReader()
+        self._ready: deque[tuple[dict, dict]] = deque()  # arrived, not yet handed out
+        self._bad = _BadRun(loader)
+        self._ended = False
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        while not self._ready:
+            if not self._receive(stoppable=False):
+                raise StopIteration
+        batch, meta = self._ready.popleft()
+        self.loader._consumed(meta)
+        return batch
+
+    def wait(self, n: int = 1) -> bool:
+        """Wait until ``n`` batches are ready; False if ``should_stop()`` came true first."""
+        waited = False
+        while len(self._ready) < n:
+            if self.should_stop is not None and self.should_stop():
+                if waited:  # (told to stop before it waited at all: nothing to report)
+                    log.warning(
+                        "stopped waiting for data: %d of %d batches ready", len(self._ready), n
+                    )
+                return False
+            if not self._receive(stoppable=True):
+                return False
+            waited = True
+        return True
+
+    def _receive(self, stoppable: bool) -> bool:
+        """Take what arrives within one poll (maybe nothing); False once the pass is over."""
+        if self._ended:
+            return False
+        t0 = time.perf_counter()  # stall accounting: how long the consumer waits
+        try:
+            item = self._next_item(stoppable)
+        finally:
+            self.loader._stats["wait_s"] += time.perf_counter() - t0
+        if item is _END:
+            self._ended = True
+            return False
+        if item is not None:
+            batch, meta = item
+            self._bad.add(meta["outcomes"])  # may raise DataExhaustedError
             if batch is not None:
-                yield _to_torch(batch, slots)
+                self._ready.append((_to_torch(batch, self._slots), meta))
+            elif self.loader.world > 1:  # no good sample of this rank: keep the ranks in step
+                self._ready.append((self.loader._placeholder(), meta))
+            # alone, nothing to hand out: the next batch's meta carries the state past this one
+        return True
+
+    def _next_item(self, stoppable: bool):
+        """``(batch, meta)``, None (nothing yet, or interrupted by should_stop), or ``_END``."""
+        if self._slots is None:
+            if self._plan is None:
+                self._plan = next(self._plans, _END)
+                if self._plan is _END:
+                    return _END
+            stop = self.should_stop if stoppable else None
+            item = self._stream.read(self._reader, self._plan, stop=stop)
+            if item is not None:  # else interrupted: this plan is read again from its start
+                self._plan = None
+            return item
+        try:
+            return next(self._workers)
+        except StopIteration:
+            return _END
+        except RuntimeError as e:
+            # the DataLoader's own timeout (its workers still at it): poll again; a worker that
+            # died is another RuntimeError, raised
+            if str(e).startswith("DataLoader timed out"):
+                return None
+            raise
+
+
+class _BadRun:
+    """Counts bad samples (per kind, for ``stats``), logs them, and tracks the current run of bad
+    samples with no good one between; ``max_bad_in_a_row`` of them raise DataExhaustedError."""
+
+    def __init__(self, loader: Loader):
+        self.loader = loader
+        self.limit = loader.cfg.max_bad_in_a_row
+        self._clear()
+
+    def _clear(self) -> None:
+        self.count, self.kinds, self.examples, self.datasets = 0, Counter(), {}, set()
+
+    def add(self, outcomes: list[tuple[int, str | None, str | None]]) -> None:
+        for d, kind, why in outcomes:
+            if kind is None:  # a good sample ends the run
+                if self.count:
+                    self._clear()
+                continue
+            self.loader._stats["skipped"][REASONS.index(kind)] += 1
+            _log_bad(kind, why)
+            self.count += 1
+            self.kinds[kind] += 1
+            self.examples.setdefault(kind, why)
+            self.datasets.add(d)
+            if self.limit and self.count >= self.limit:
+                raise DataExhaustedError(self.message())
+
+    def message(self) -> str:
+        dirs = ", ".join(str(self.loader.cfg.train[d]) for d in sorted(self.datasets))
+        common = "; ".join(
+            f"{n} {kind} (e.g. {_clip(self.examples[kind], 300)})"
+            for kind, n in self.kinds.most_common(3)
+        )
+        rest = self.count - sum(n for _, n in self.kinds.most_common(3))
+        return (
+            f"no good sample in the last {self.count} read from {dirs}: {common}"
+            + (f"; {rest} of other kinds" if rest else "")
+            + f" (data.max_bad_in_a_row={self.limit}; 0 never stops)"
+        )
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 _bad_logged = 0
 
 
-def _log_bad(msg: str) -> None:
+def _log_bad(kind: str, why: str) -> None:
     """Rate-limited: the first 20, then every 100th (no sleeping, unlike warn_and_continue)."""
     global _bad_logged
     _bad_logged += 1
     if _bad_logged <= 20 or _bad_logged % 100 == 0:
-        log.warning("skipped bad sample #%d: %s", _bad_logged, msg)
+        log.warning("skipped bad sample #%d (%s): %s", _bad_logged, kind, why)
+
+
+@dataclass
+class _Plan:
+    """One global batch: the state after it, and this rank's slots as (dataset, index) pairs
+    (dataset -1: no sample, past the end of a finite split)."""
+
+    slot: int
+    counts: list[int]
+    mine: list[tuple[int, int]]
 
 
 class _Stream(torch.utils.data.IterableDataset):
-    """Yields ``(batch, meta)`` for one rank from a start state; worker w takes batches n = w mod W."""
+    """This rank's batches from a start state. ``plans()`` says which samples make each global
+    batch (arithmetic, no reads); ``read`` reads this rank's share of one. In DataLoader worker w
+    of W, iterating yields ``(batch, meta)`` for the global batches n = w mod W."""
 
     def __init__(self, loader: Loader, start: dict, slots: FrameSlots | None = None):
         self.loader, self.start, self.slots = loader, start, slots
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        ld = self.loader
         reader = ShardReader()  # one per worker: its own file handles and indexes
+        alloc = partial(self.slots.take, wid) if info and self.slots else None
+        for n, plan in enumerate(self.plans()):
+            if n % nw == wid:
+                yield self.read(reader, plan, alloc)
+
+    def plans(self) -> Iterator[_Plan]:
+        ld = self.loader
         slot, counts = self.start["slot"], list(self.start["counts"])
-        b, world = ld.batch_size, ld.world
+        g = ld.batch_size * ld.world
         total = sum(o.epoch_len for _, _, o, _ in ld._datasets) if not ld.infinite else None
-        by_frames = ld.cfg.mix_by == "frames"
-        n = 0
-        while True:
-            g = b * world
-            if total is not None and slot >= total:
-                return
+        mine = range(ld.rank * ld.batch_size, (ld.rank + 1) * ld.batch_size)
+        while total is None or slot < total:
             if ld.infinite:
                 choices = mix_choices(ld.seed, slot, g, ld.probs)
             else:
@@ -270,45 +474,62 @@ class _Stream(torch.utils.data.IterableDataset):
                 local[j] = running[d] if d >= 0 else -1
                 if d >= 0:
                     running[d] += 1
-            mine = range(ld.rank * b, (ld.rank + 1) * b)
-            meta = {
-                "slot": slot + g,
-                "counts": running,
-                "skipped": 0,
-                "errors": [],
-                "served": np.zeros(len(ld.names), np.int64),
-            }
-            if n % nw == wid:
-                samples = []
-                for j in mine:
-                    d = int(choices[j])
-                    if d < 0:
-                        continue
-                    s = self._fetch(reader, d, int(local[j]), meta)
-                    if s is not None:
-                        samples.append(s)
-                        meta["served"][d] += len(s.frames) if by_frames else 1
-                pad = ld.cfg.clip_frames if ld.cfg.pad_to == "clip_frames" else None
-                alloc = partial(self.slots.take, wid) if info and self.slots else None
-                yield _collate(samples, ld.task_ids, pad, alloc), meta
-            slot, counts, n = slot + g, running, n + 1
+            yield _Plan(slot + g, running, [(int(choices[j]), int(local[j])) for j in mine])
+            slot, counts = slot + g, running
 
-    def _fetch(self, reader: ShardReader, d: int, index: int, meta: dict):
+    def read(
+        self,
+        reader: ShardReader,
+        plan: _Plan,
+        alloc=None,
+        stop: Callable[[], bool] | None = None,
+    ) -> tuple[dict | None, dict] | None:
+        """``(batch, meta)`` of this rank's samples of ``plan`` (batch None: none was good), or
+        None if ``stop()`` came true between two samples (nothing of the plan is kept)."""
+        ld = self.loader
+        meta: dict[str, Any] = {
+            "slot": plan.slot,
+            "counts": plan.counts,
+            "served": np.zeros(len(ld.names), np.int64),
+            "outcomes": [],  # (dataset, kind, reason) per sample, in order; kind None: good
+        }
+        samples = []
+        for d, index in plan.mine:
+            if d < 0:
+                continue
+            if stop is not None and stop():
+                return None
+            s, bad = self._fetch(reader, d, index)
+            meta["outcomes"].append((d, *bad) if s is None else (d, None, None))
+            if s is not None:
+                samples.append(s)
+                meta["served"][d] += len(s.frames) if ld.cfg.mix_by == "frames" else 1
+        pad = ld.cfg.clip_frames if ld.cfg.pad_to == "clip_frames" else None
+        return _collate(samples, ld.task_ids, pad, alloc), meta
+
+    def _fetch(self, reader: ShardReader, d: int, index: int) -> tuple[Sample | None, tuple]:
+        """``(sample, None)``, or ``(None, (kind, reason))`` if anything about it is bad."""
         ld = self.loader
         _, paths, order, _ = ld._datasets[d]
         _, shard, member = order.locate(index)
         path, key = paths[shard], f"member #{member}"
+        stage = "read_error"  # what an unexpected exception means: reading, then making
         try:
             got = reader.read(path, member)
             if got is None:
                 idx = reader.index(path)
+                if idx.unreadable:
+                    raise BadSample(idx.error, "read_error")
                 why = (
                     idx.error
                     or f"shard has {len(idx.keys)} samples, manifest says {order.sizes[shard]}"
                 )
-                raise BadSample(f"sample missing ({why})")
+                raise BadSample(f"sample missing ({why})", "missing_sample")
             key, members = got
-            return make_sample(
+            if not members:
+                raise BadSample("the shard ends inside this sample's data", "missing_sample")
+            stage = "other"
+            sample = make_sample(
                 members,
                 key,
                 ld.cfg.clip_frames,
@@ -317,10 +538,14 @@ class _Stream(torch.utils.data.IterableDataset):
                 ld.cfg.decoder,
                 ld._render_hashes[d],
             )
-        except BadSample as e:  # counted and logged by the consumer, rate-limited
-            meta["skipped"] += 1
-            meta["errors"].append(f"{path} key {key}: {e}")
-            return None
+            return sample, None
+        except BadSample as e:
+            kind, why = e.kind, str(e)
+        except Exception as e:  # noqa: BLE001 - whatever one sample raises is that sample's
+            # (KeyboardInterrupt and SystemExit are no Exception: they still stop the run)
+            kind, why = stage, f"{type(e).__name__}: {_clip(str(e), 300)}"
+        key = reader.key(path, member) or key
+        return None, (kind, f"{path} key {key}: {why}")
 
 
 def _as_is(item):
@@ -389,10 +614,40 @@ def _dataset_names(dirs: list[str]) -> list[str]:
 
 
 def _check_compatible(manifests: list[Manifest], dirs: list[str]) -> None:
+    """Mixed datasets must share one RenderSpec; the error names the fields that differ."""
     first = manifests[0]
     for m, d in zip(manifests[1:], dirs[1:]):
-        if m.render_hash != first.render_hash:
-            raise ValueError(
-                f"{d}: rendered with hash {m.render_hash}, but {dirs[0]} with "
-                f"{first.render_hash}; mixed datasets must share one RenderSpec"
+        if m.render_hash == first.render_hash:
+            continue
+        ours, theirs = _flat(m.render_spec), _flat(first.render_spec)
+        keys = sorted(ours.keys() | theirs.keys())
+        diff = [k for k in keys if ours.get(k, _ABSENT) != theirs.get(k, _ABSENT)]
+        if diff:
+            what = ", ".join(
+                f"{k}={_show(ours.get(k, _ABSENT))} ({dirs[0]}: {_show(theirs.get(k, _ABSENT))})"
+                for k in diff[:4]
+            ) + (f" and {len(diff) - 4} more field(s)" if len(diff) > 4 else "")
+        else:  # same fields, other hash: the hash covers more than the fields (another version)
+            what = (
+                f"render hash {m.render_hash[:16]} ({dirs[0]}: {first.render_hash[:16]}) "
+                "though the same render_spec fields (built by another evav version?)"
             )
+        raise ValueError(f"{d}: rendered with {what}; mixed datasets must share one RenderSpec")
+
+
+def _flat(spec: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested RenderSpec dict as dotted keys (``audio.sample_rate``)."""
+    out = {}
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_ABSENT = object()  # a field one spec has and the other lacks
+
+
+def _show(v: Any) -> str:
+    return "(absent)" if v is _ABSENT else _clip(repr(v) if isinstance(v, str) else str(v), 40)

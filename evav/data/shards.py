@@ -4,13 +4,27 @@ A shard is a plain (uncompressed) tar of ``KEY.mp4`` + ``KEY.json`` pairs. Index
 512-byte headers with seeks (no member data is read), groups members by key in file order, and
 records each member's data offset and size; a sample is then two seeks and two reads. A tar cut
 short just has fewer samples: the caller compares the count with the manifest.
+
+Shards are opened without blocking and only when they are regular files: a shard replaced by a
+FIFO would otherwise hang the reader in ``open`` (where no signal handler gets to run), and a
+directory or device is no tar. A member larger than ``MAX_MEMBER_BYTES`` is refused before it is
+read (a forged header must not make the reader allocate gigabytes). A failure is an ``OSError``,
+an index with ``error`` set, or a read with no members (the file ends inside the sample); the
+loader turns each into a skipped, counted sample.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+# The largest member read: far above any clip evav writes (a 1024x1024 FFV1 clip of 64 frames is
+# ~150 MiB) and any metadata (a few KiB), far below what would exhaust a loader worker's memory.
+MAX_MEMBER_BYTES = {"json": 16 * 2**20, "mp4": 2**30}
 
 
 @dataclass(frozen=True)
@@ -25,6 +39,7 @@ class ShardIndex:
     keys: list[str]  # sample keys in file order
     members: list[dict[str, Member]]  # per sample: extension ("mp4", "json") -> member
     error: str | None = None  # why indexing stopped early, if it did
+    unreadable: bool = False  # the file could not be opened as a tar at all (no sample indexed)
 
 
 def split_key(name: str) -> tuple[str, str]:
@@ -34,13 +49,31 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
+def open_shard(path: str | Path) -> io.BufferedReader:
+    """Open a shard for reading; ``OSError`` unless it is a regular file (never blocks on a FIFO)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(f"{path}: {kind}, not a shard file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def index_shard(path: str | Path) -> ShardIndex:
     """Index a shard; a corrupt or truncated tail ends the index early (recorded in ``error``)."""
     keys: list[str] = []
     members: list[dict[str, Member]] = []
     error = None
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        f = open_shard(path)
+    except OSError as e:
+        return ShardIndex(str(path), [], [], f"unreadable shard: {e}", unreadable=True)
+    try:
+        with f, tarfile.open(fileobj=f, mode="r:") as tar:
             while True:
                 try:
                     info = tar.next()
@@ -56,8 +89,8 @@ def index_shard(path: str | Path) -> ShardIndex:
                     keys.append(key)
                     members.append({})
                 members[-1][ext] = Member(info.offset_data, info.size)
-    except (tarfile.TarError, OSError) as e:
-        error = f"unreadable tar: {e}"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return ShardIndex(str(path), [], [], f"unreadable tar: {e}", unreadable=True)
     return ShardIndex(str(path), keys, members, error)
 
 
@@ -72,27 +105,43 @@ class ShardReader:
     def index(self, path: str) -> ShardIndex:
         idx = self._index.get(path)
         if idx is None:
-            idx = self._index[path] = index_shard(path)
+            idx = index_shard(path)
+            if not idx.unreadable:  # an unreadable shard is tried again (it may be back next time)
+                self._index[path] = idx
         return idx
 
+    def key(self, path: str, member: int) -> str | None:
+        """The key of a member of a shard already indexed (no I/O), else None."""
+        idx = self._index.get(path)
+        return idx.keys[member] if idx is not None and member < len(idx.keys) else None
+
     def read(self, path: str, member: int) -> tuple[str, dict[str, bytes]] | None:
-        """``(key, {ext: bytes})`` of the ``member``-th sample, or None if the shard lacks it."""
+        """``(key, {ext: bytes})`` of the ``member``-th sample, or None if the shard lacks it;
+        ``(key, {})`` if the file ends inside the sample's data; ``OSError`` if the shard cannot
+        be opened or a member is over ``MAX_MEMBER_BYTES``."""
         idx = self.index(path)
         if member >= len(idx.keys):
             return None
+        key = idx.keys[member]
         f = self._files.get(path)
         if f is None:
             if len(self._files) >= self.max_open:
                 self._files.pop(next(iter(self._files))).close()
-            f = self._files[path] = open(path, "rb")
+            f = self._files[path] = open_shard(path)
         out = {}
+        file_size = os.fstat(f.fileno()).st_size
         for ext, m in idx.members[member].items():
+            limit = MAX_MEMBER_BYTES.get(ext, MAX_MEMBER_BYTES["json"])
+            if m.size > limit:
+                raise OSError(f"{key}.{ext} has {m.size} bytes, over the {limit}-byte limit")
+            if m.offset + m.size > file_size:  # a header claiming more than the file holds
+                return key, {}
             f.seek(m.offset)
             data = f.read(m.size)
             if len(data) != m.size:
-                return idx.keys[member], {}
+                return key, {}
             out[ext] = data
-        return idx.keys[member], out
+        return key, out
 
     def close(self) -> None:
         for f in self._files.values():

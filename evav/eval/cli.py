@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     from evav.eval import report
     from evav.eval.load import load_checkpoint
     from evav.eval.run import EvalOptions, RenderMismatchError, evaluate
-    from evav.eval.samples import default_split, load_eval_data
+    from evav.eval.samples import NoSamplesError, default_split, load_eval_data
 
     logging.basicConfig(
         level=logging.INFO,
@@ -95,13 +95,14 @@ def main(args: argparse.Namespace) -> int:
             return 2
         if denv.is_main:
             log.info(
-                "checkpoint %s (step %d), %d samples of split %r in %d task(s), %d process(es)",
+                "checkpoint %s (step %d), %d samples of split %r in %d task(s), %d process(es)%s",
                 loaded.path,
                 loaded.step,
                 len(data.samples),
                 split,
                 len(data.by_task()),
                 denv.world_size,
+                f"; {len(data.skipped)} bad sample(s) skipped" if data.skipped else "",
             )
         opts = EvalOptions(
             batch_size=args.batch_size,
@@ -111,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
         )
         try:
             results = evaluate(loaded, data, opts, denv.rank, denv.world_size, device)
-        except RenderMismatchError as e:
+        except (RenderMismatchError, NoSamplesError) as e:
             print(f"evav eval: error: {e}", file=sys.stderr)
             return 2
         if not denv.is_main:
@@ -130,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
             rdir = Path(args.report) if args.report else out.with_name(out.stem + "_report")
             files.append(report.write_report(results, rdir).parent)
         print(report.summary_table(results))
+        if results["skipped_total"]:
+            print(report.skipped_summary(results))
         print(
             f"results: {out}" + (f"\nreport:  {files[1] / 'report.md'}" if len(files) > 1 else "")
         )
@@ -180,6 +183,7 @@ def generate_main(args: argparse.Namespace) -> int:
 
     from evav.errors import BadInputError
     from evav.eval.load import load_checkpoint
+    from evav.eval.samples import one_line
     from evav.frames import TextRenderer, render_audio, render_image, render_video, save_clip
     from evav.frames.cli import guess_kind
     from evav.model import generate
@@ -188,10 +192,10 @@ def generate_main(args: argparse.Namespace) -> int:
         raise BadInputError(args.out, "--frames must be >= 1")
     try:
         loaded = load_checkpoint(args.checkpoint)
+        spec = render_spec_for(loaded, args.data)
     except (OSError, ValueError) as e:
         print(f"evav generate: error: {e}", file=sys.stderr)
         return 2
-    spec = render_spec_for(loaded, args.data)
     if spec.hash != loaded.render_hash and not args.allow_render_mismatch:
         print(
             f"evav generate: error: the checkpoint was trained on render hash {loaded.render_hash}, "
@@ -202,20 +206,36 @@ def generate_main(args: argparse.Namespace) -> int:
         return 2
     text = TextRenderer(spec)
     src = Path(args.input)
-    if src.is_file():
-        kind = guess_kind(src)
-        inputs = {
-            "image": lambda: render_image(src, spec),
-            "audio": lambda: render_audio(src, spec),
-            "video": lambda: render_video(src, spec, args.video_frames),
-        }[kind]()
-    else:
-        inputs = text.render_text(args.input)
-    prompt = np.concatenate([text.task_frame(args.task)[None], inputs, text.separator()[None]])
+    try:
+        if src.is_file():
+            kind = guess_kind(src)
+            inputs = {
+                "image": lambda: render_image(src, spec),
+                "audio": lambda: render_audio(src, spec),
+                "video": lambda: render_video(src, spec, args.video_frames),
+            }[kind]()
+        else:
+            inputs = text.render_text(args.input)
+        prompt = np.concatenate([text.task_frame(args.task)[None], inputs, text.separator()[None]])
+    except BadInputError as e:
+        print(f"evav generate: error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - whatever a decoder does with a bad file, say it in a line
+        what = str(src) if src.is_file() else "--input/--task text"
+        print(
+            f"evav generate: error: {one_line(what)}: cannot render it "
+            f"({type(e).__name__}: {one_line(str(e))})",
+            file=sys.stderr,
+        )
+        return 2
     x = torch.from_numpy(prompt)[None].float().div(255)
     gen = generate(loaded.model, x, args.frames)[0]
     gen_u8 = gen.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    out = save_clip(np.concatenate([prompt, gen_u8]), args.out)
+    try:
+        out = save_clip(np.concatenate([prompt, gen_u8]), args.out)
+    except (OSError, ValueError) as e:
+        print(f"evav generate: error: {args.out}: cannot write it ({e})", file=sys.stderr)
+        return 2
     print(f"{out}: {len(prompt)} prompt frames + {len(gen_u8)} generated")
     return 0
 

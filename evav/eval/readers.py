@@ -92,6 +92,8 @@ class ClassificationReader(Reader):
         renders = [text.render_text(a) for a in self.labels]
         self.lengths = torch.tensor([len(r) for r in renders])
         self.max_len = int(self.lengths.max())
+        if self.max_len == 0:
+            raise ValueError(f"task {task!r}: no candidate answer renders to a frame")
         h, w = text.spec.height, text.spec.width
         t = np.zeros((len(renders), self.max_len, h, w, 3), np.uint8)
         for i, r in enumerate(renders):
@@ -105,7 +107,9 @@ class ClassificationReader(Reader):
         g = torch.from_numpy(gen_THWC[: self.max_len]).float().flatten(1)  # (L, D)
         d = ((self.templates - g[None]) ** 2).mean(-1)  # (C, L)
         valid = torch.arange(self.max_len)[None] < self.lengths[:, None]
-        per_candidate = (d * valid).sum(1) / self.lengths
+        per_candidate = (d * valid).sum(1) / self.lengths.clamp(min=1)
+        # an answer that renders to no frame (whitespace, say) can never be generated
+        per_candidate[self.lengths == 0] = float("inf")
         return self.labels[int(per_candidate.argmin())]
 
     def read(self, gen_THWC, truth_THWC, s):
@@ -206,7 +210,7 @@ class TrackingReader(Reader):
     def score(self, records):
         by_index = _per_index(records, "iou_per_frame")
         return {
-            "mean_iou": float(np.mean([r["iou"] for r in records])),
+            "mean_iou": _finite_mean([r["iou"] for r in records]),
             "iou_per_frame": by_index,
             "n": len(records),
         }
@@ -244,8 +248,8 @@ class VideoPredictionReader(Reader):
     def score(self, records):
         psnr, ssim = _per_index(records, "psnr_per_frame"), _per_index(records, "ssim_per_frame")
         return {
-            "psnr": float(np.mean(psnr)),
-            "ssim": float(np.mean(ssim)),
+            "psnr": _finite_mean(psnr),
+            "ssim": _finite_mean(ssim),
             "psnr_per_frame": psnr,
             "ssim_per_frame": ssim,
             "n": len(records),

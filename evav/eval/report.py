@@ -1,8 +1,13 @@
 """Eval outputs: the results JSON, a markdown report with example clips, and the MLflow record.
 
     results.json                        task -> metrics, sample counts, checkpoint step, render hash
-    results_report/report.md            a table per task and example clips
-    results_report/examples/TASK_i.png  input | predicted | true, one row each
+    results_report/report.md            a table per task, the skipped samples, example clips
+    results_report/examples/TASK_i.png  input | predicted | true, one row each (TASK: safe_name)
+
+Task names, answers and keys come from the data, so none is trusted: a name becomes a file name
+only through ``safe_name`` (and an MLflow key only through it too), and text goes into the
+markdown only through ``md_text`` (a ``|`` or a newline cannot break a table, a ``[x](url)``
+is not a link).
 
 MLflow: the metrics go to the checkpoint's training run when it has one (keys
 ``eval/TASK/METRIC`` at the checkpoint's step, tag ``eval.step``), else to a new run in the
@@ -13,10 +18,13 @@ fails the evaluation: the JSON file is the record.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -37,24 +45,121 @@ HEADLINE = {
 }
 
 
+NAME_MAX = 80  # characters of a file-name component made by safe_name
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_HASHED = re.compile(r"-[0-9a-f]{16}$")
+_RESERVED = {"con", "prn", "aux", "nul", *(f"{p}{i}" for p in ("com", "lpt") for i in range(10))}
+
+
+def safe_name(name: str, max_len: int = NAME_MAX) -> str:
+    """Any string -> a file-name component that is safe everywhere and unique per ``name``.
+
+    Only ``[A-Za-z0-9._-]`` is kept (``/``, NUL, newlines, unicode become ``_``); never empty,
+    never ``.``/``..`` or hidden (no leading dot), no leading ``-``, at most ``max_len``
+    characters. A name that is already safe, lowercase and short comes back as is; any other
+    gets ``-`` and 16 hex digits of its sha256, so two different names never map to one file,
+    also on case-insensitive file systems (an unchanged name never ends like a hashed one).
+    """
+    name = str(name)
+    out = _UNSAFE.sub("_", name) or "_"
+    if out[0] in ".-":
+        out = "_" + out[1:]
+    if out.endswith("."):  # Windows drops a trailing dot: "a." would be "a"
+        out = out[:-1] + "_"
+    changed = (
+        out != name
+        or len(out) > max_len
+        or out != out.lower()
+        or _HASHED.search(out) is not None
+        or out.split(".")[0].lower() in _RESERVED
+    )
+    if not changed:
+        return out
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{out[: max(1, max_len - 17)]}-{digest}"
+
+
+_MD_SPECIAL = set("\\`*_[]<>|&~#")
+
+
+def md_text(s: object, max_len: int = 200) -> str:
+    """Text from the data made inert in markdown (a table cell, a heading, alt text): markdown
+    and HTML characters backslash-escaped, control, format and unpaired surrogate characters
+    shown as ``\\uXXXX``, at most ``max_len`` characters (then ``...``)."""
+    s = str(s)
+    cut = len(s) > max_len
+    out = []
+    for c in s[:max_len]:
+        if c in _MD_SPECIAL:
+            out.append("\\" + c)
+        elif unicodedata.category(c) in ("Cc", "Cf", "Cs", "Cn", "Zl", "Zp"):
+            out.append(f"\\\\u{ord(c):04x}")  # a visible \uXXXX, the backslash escaped
+        else:
+            out.append(c)
+    return "".join(out) + ("..." if cut else "")
+
+
+def _strict_json(v):
+    """NaN and infinities as null: the results file is strict JSON (run.py flags which)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _strict_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_strict_json(x) for x in v]
+    return v
+
+
 def write_results(results: dict, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, {k: v for k, v in results.items() if not k.startswith("_")})
+    write_json_atomic(
+        out, _strict_json({k: v for k, v in results.items() if not k.startswith("_")})
+    )
     return out
 
 
 def summary_table(results: dict) -> str:
-    """A markdown table: task, kind, samples, headline metric, chance level."""
-    rows = ["| task | kind | samples | metric | value | chance |", "|---|---|---:|---|---:|---:|"]
+    """A markdown table: task, kind, samples evaluated and skipped, headline metric, chance."""
+    rows = [
+        "| task | kind | samples | skipped | metric | value | chance |",
+        "|---|---|---:|---:|---|---:|---:|",
+    ]
     for task, r in results["tasks"].items():
-        metric = HEADLINE[r["kind"]]
-        value = r.get(metric, float("nan"))
+        metric = HEADLINE.get(r["kind"], "?")  # "?": no sample was readable, the kind unknown
+        value = r.get(metric)
         chance = r.get("chance")
+        shown = (
+            f"{value:.3f}"
+            if isinstance(value, (int, float)) and math.isfinite(value)
+            else "n/a"
+            if r["samples"]
+            else "not evaluated"
+        )
         rows.append(
-            f"| {task} | {r['kind']} | {r['samples']} | {metric} | {value:.3f} | "
-            f"{'' if chance is None else f'{chance:.3f}'} |"
+            f"| {md_text(task)} | {r['kind'] or '?'} | {r['samples']} | {_skipped_cell(r)} | "
+            f"{metric} | {shown} | {'' if chance is None else f'{chance:.3f}'} |"
         )
     return "\n".join(rows)
+
+
+def _skipped_cell(r: dict) -> str:
+    """``0``, or ``3 (checksum 2, decode 1)``."""
+    n, reasons = r.get("skipped_total", 0), r.get("skipped", {})
+    if not n:
+        return "0"
+    return f"{n} ({', '.join(f'{md_text(k)} {v}' for k, v in reasons.items())})"
+
+
+def skipped_summary(results: dict) -> str:
+    """One line: how many samples were skipped and why (empty when none was)."""
+    n = results.get("skipped_total", 0)
+    if not n:
+        return ""
+    why = ", ".join(f"{k} {v}" for k, v in results.get("skipped", {}).items())
+    return f"skipped {n} bad sample(s): {why} (listed under skipped_samples in the results JSON)"
+
+
+REPORT_SKIPPED = 50  # skipped samples listed in report.md
 
 
 def write_report(results: dict, directory: Path) -> Path:
@@ -62,25 +167,42 @@ def write_report(results: dict, directory: Path) -> Path:
     ex_dir = directory / "examples"
     ex_dir.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# Evaluation of {results.get('checkpoint', '?')} (step {results.get('step', '?')})",
+        f"# Evaluation of {md_text(results.get('checkpoint', '?'), 500)} "
+        f"(step {results.get('step', '?')})",
         "",
-        f"Split `{results['split']}` of {', '.join(results['datasets'])}; render hash "
-        f"`{results['render_hash']}`.",
+        f"Split {md_text(results['split'])} of "
+        f"{', '.join(md_text(d, 500) for d in results['datasets'])}; "
+        f"render hash {md_text(results['render_hash'])}.",
         "",
         summary_table(results),
         "",
-        "## Examples (rows: input | predicted | true)",
-        "",
     ]
+    listed = results.get("skipped_samples", [])
+    if listed:
+        lines += [
+            f"## Skipped samples ({results.get('skipped_total', len(listed))})",
+            "",
+            "| where | task | reason | why |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {md_text(s['where'])} | {md_text(s['task'] or '?')} | {md_text(s['reason'])} | "
+            f"{md_text(s['why'], 300)} |"
+            for s in listed[:REPORT_SKIPPED]
+        ]
+        if len(listed) > REPORT_SKIPPED or results.get("skipped_total", 0) > len(listed):
+            lines.append(f"| ... | | | the results JSON lists up to {len(listed)} |")
+        lines.append("")
+    lines += ["## Examples (rows: input | predicted | true)", ""]
     for task, clips in results.get("_examples", {}).items():
         for i, (prompt, pred, true) in enumerate(clips):
-            name = f"{task}_{i}.png"
+            name = f"{safe_name(task)}_{i}.png"
             Image.fromarray(example_sheet(prompt, pred, true)).save(ex_dir / name)
-            lines.append(f"**{task}** {i}: ![{task} {i}](examples/{name})")
+            lines.append(f"**{md_text(task)}** {i}: ![{md_text(task)} {i}](examples/{name})")
             lines.append("")
     path = directory / "report.md"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -99,7 +221,7 @@ def scalar_metrics(results: dict) -> dict[str, float]:
     for task, r in results["tasks"].items():
         for k, v in r.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out[f"eval/{task}/{k}"] = float(v)
+                out[f"eval/{safe_name(task)}/{k}"] = float(v)
     return out
 
 

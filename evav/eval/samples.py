@@ -5,20 +5,65 @@ needs all of it before any generation: the candidate answers, the answer vocabul
 longest answer. Clips are decoded batch by batch. Unlike the training loader, a sample is never
 cropped or padded: the prompt is exactly ``[task][inputs][separator]`` and the truth is exactly
 the answer frames.
+
+Nothing read from a shard is trusted. A sample that cannot be used is skipped, never a crash:
+it is recorded as a ``Skipped`` (dataset, shard and key, task when known, a reason and the
+message), counted per reason in the results and logged, rate-limited. The reasons:
+
+| reason | the sample |
+|---|---|
+| missing_sample | is cut off: the shard ends (or its tar is corrupt) before the sample's data |
+| missing_member | lacks KEY.mp4 or KEY.json |
+| bad_metadata | has a KEY.json that is not well-formed metadata (``parse_sample_meta``) |
+| render_hash | was rendered with another RenderSpec than its manifest's |
+| checksum | has KEY.mp4 bytes that differ from its ``clip_sha256`` |
+| decode | does not decode cleanly (FFmpeg reported errors) |
+| frame_count | decodes to another number of frames than its ``num_frames`` |
+| frame_size | decodes to frames of another size than the dataset's RenderSpec |
+| read_error | could not be read from its shard (an OSError: unreadable file, oversized member) |
+| other | failed in any other way while being read (the exception is in the message) |
+| segments | leaves no prompt or no answer to generate (evav.eval.run) |
+| task_reader | belongs to a task whose answers cannot be read (evav.eval.run) |
+| readout | made its task's reader fail on the generated frames (evav.eval.run) |
+
+The first ten are the training loader's (``evav.data.clips.REASONS``, ``BadSample.kind``); the
+last three are evaluation's own.
+
+With ``limit``, a bad sample counts toward its task's limit like a good one (it was tried); a
+sample whose task is unknown (unreadable metadata, a truncated shard) is always reported.
 """
 
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from dataclasses import dataclass
+import logging
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from evav.data.clips import BadSample, decode, expected_frames
+from evav.data.clips import BadSample, checked_meta, decode
 from evav.data.shards import ShardReader, shard_paths
-from evav.manifest import Manifest, load_manifest
+from evav.manifest import Manifest, load_manifest, parse_sample_meta
+
+log = logging.getLogger("evav.eval")
+
+LOGGED_PER_REASON = 5  # bad samples logged in full per reason; the rest are only counted
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample left out of the evaluation, and why."""
+
+    dataset: str
+    where: str  # "SHARD key 'KEY'" (or "SHARD sample #N" when the key is unknown)
+    task: str | None  # None when the metadata does not say
+    reason: str
+    why: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -26,7 +71,7 @@ class EvalSample:
     dataset: str
     shard: str
     member: int
-    meta: dict
+    meta: dict  # a checked SampleMeta as a dict
 
     @property
     def key(self) -> str:
@@ -36,13 +81,20 @@ class EvalSample:
     def task(self) -> str:
         return str(self.meta["task"])
 
+    @property
+    def where(self) -> str:
+        return f"{self.shard} key {self.key!r}"
+
+    def skipped(self, reason: str, why: str) -> Skipped:
+        return Skipped(self.dataset, self.where, self.task, reason, one_line(why))
+
 
 @dataclass
 class EvalData:
     split: str
     manifests: dict[str, Manifest]  # dataset dir -> manifest
     samples: list[EvalSample]  # the samples to evaluate, in (dataset, shard, member) order
-    bad: list[tuple[str, str]]  # (where, why) of samples whose metadata could not be read
+    skipped: list[Skipped]  # samples left out while indexing (metadata, members, truncation)
     population: list[EvalSample]  # every readable sample of the split (candidates, vocabularies)
 
     @property
@@ -67,73 +119,201 @@ def default_split(dirs: list[str]) -> str:
     return "test" if all("test" in m.splits for m in manifests) else "val"
 
 
+class NoSamplesError(ValueError):
+    """Not one sample of the split could be evaluated."""
+
+
+def no_samples_error(dirs: list[str], split: str, skipped: list[Skipped]) -> NoSamplesError:
+    """The error for a split with nothing to evaluate, naming the datasets and the commonest
+    reason (with one example), so the user knows where to look."""
+    where = ", ".join(dirs)
+    if not skipped:
+        return NoSamplesError(f"no samples in split {split!r} of {where}")
+    reason, n = Counter(s.reason for s in skipped).most_common(1)[0]
+    first = next(s for s in skipped if s.reason == reason)
+    return NoSamplesError(
+        f"no sample of split {split!r} of {where} could be evaluated: all {len(skipped)} "
+        f"skipped, most often {reason} ({n}), e.g. {first.where}: {first.why}"
+    )
+
+
 def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> EvalData:
     """Index ``split`` of every dataset; ``limit``: evaluate at most that many samples per task.
 
     Candidate answers and vocabularies always come from the whole split, so a limited run reads
-    answers out of the same candidate set as a full one.
+    answers out of the same candidate set as a full one. Unusable samples go to ``skipped``;
+    ``NoSamplesError`` (a ValueError) when none is left.
     """
-    manifests, samples, bad = {}, [], []
+    manifests: dict[str, Manifest] = {}
+    population: list[EvalSample] = []
+    samples: list[EvalSample] = []
+    skipped: list[Skipped] = []
+    tried: dict[str, int] = defaultdict(int)  # per task, good and bad samples so far
+
+    def take(task: str | None) -> bool:
+        if task is None:
+            return True
+        tried[task] += 1
+        return limit is None or tried[task] <= limit
+
     reader = ShardReader()
-    for d in dirs:
-        m = load_manifest(d)
-        if split not in m.splits:
-            raise ValueError(f"{d}: no split {split!r} (it has {sorted(m.splits)}); pass --split")
-        if manifests and m.render_hash != next(iter(manifests.values())).render_hash:
-            raise ValueError(
-                f"{d}: rendered with hash {m.render_hash}, unlike {next(iter(manifests))}; "
-                "evaluate datasets of one RenderSpec together"
-            )
-        manifests[d] = m
-        for path in shard_paths(d, m.splits[split]):
-            idx = reader.index(path)
-            for i in range(len(idx.keys)):
-                _, members = reader.read(path, i)
-                try:
-                    meta = json.loads(members["json"])
-                    if not {"key", "task", "segments"} <= set(meta):
-                        raise ValueError("no key/task/segments")
-                    samples.append(EvalSample(d, path, i, meta))
-                except (KeyError, ValueError, UnicodeDecodeError) as e:
-                    bad.append((f"{path}#{i}", f"unreadable metadata ({e})"))
-    reader.close()
-    population = samples
-    if limit is not None:
-        seen: dict[str, int] = defaultdict(int)
-        kept = []
-        for s in samples:
-            if seen[s.task] < limit:
-                kept.append(s)
-                seen[s.task] += 1
-        samples = kept
+    try:
+        for d in dirs:
+            m = load_manifest(d)
+            if split not in m.splits:
+                raise ValueError(
+                    f"{d}: no split {split!r} (it has {sorted(m.splits)}); pass --split"
+                )
+            if manifests and m.render_hash != next(iter(manifests.values())).render_hash:
+                raise ValueError(
+                    f"{d}: rendered with hash {m.render_hash}, unlike {next(iter(manifests))}; "
+                    "evaluate datasets of one RenderSpec together"
+                )
+            manifests[d] = m
+            infos = m.splits[split].shards
+            for info, path in zip(infos, shard_paths(d, m.splits[split])):
+                idx = reader.index(path)
+                for i in range(len(idx.keys)):
+                    got = _index_sample(reader, d, path, i, m.render_hash)
+                    if isinstance(got, Skipped):
+                        if take(got.task):
+                            skipped.append(got)
+                        continue
+                    population.append(got)
+                    if take(got.task):
+                        samples.append(got)
+                # samples the manifest lists but the tar does not hold (cut short, corrupt)
+                why = one_line(
+                    idx.error
+                    or f"the shard has {len(idx.keys)} samples, its manifest says {info.samples}"
+                )
+                reason = "read_error" if idx.unreadable else "missing_sample"
+                for i in range(len(idx.keys), info.samples):
+                    skipped.append(Skipped(d, f"{path} sample #{i}", None, reason, why))
+    finally:
+        reader.close()
     if not samples:
-        raise ValueError(f"no samples in split {split!r} of {', '.join(dirs)}")
-    return EvalData(split, manifests, samples, bad, population)
+        raise no_samples_error(dirs, split, skipped)
+    return EvalData(split, manifests, samples, skipped, population)
+
+
+def _index_sample(
+    reader: ShardReader, dataset: str, path: str, i: int, render_hash: str
+) -> EvalSample | Skipped:
+    """Sample ``i`` of a shard with checked metadata, or why it is skipped."""
+    key, members = None, {}
+    try:
+        got = reader.read(path, i)
+        key, members = got if got is not None else (None, {})
+        if not members:
+            raise BadSample("the shard ends inside this sample's data", "missing_sample")
+        if "mp4" not in members or "json" not in members:
+            raise BadSample(f"has {sorted(members)}, needs KEY.mp4 and KEY.json", "missing_member")
+        try:
+            meta = parse_sample_meta(members["json"], "KEY.json")
+        except ValueError as e:
+            raise BadSample(str(e), "bad_metadata") from None
+        if meta.render_hash != render_hash:
+            raise BadSample(
+                f"rendered with hash {meta.render_hash[:16]!r}, the manifest's is {render_hash}",
+                "render_hash",
+            )
+        return EvalSample(dataset, path, i, asdict(meta))
+    except Exception as e:  # noqa: BLE001 - whatever one sample does, it is that sample's problem
+        reason, why = problem(e)
+        where = f"{path} key {key!r}" if key is not None else f"{path} sample #{i}"
+        task = _task_hint(members["json"]) if "json" in members else None
+        return Skipped(dataset, where, task, reason, one_line(why))
+
+
+def _task_hint(data: bytes) -> str | None:
+    """The task named by metadata that may be malformed (to attribute a bad sample), or None."""
+    try:
+        d = json.loads(data)
+    except Exception:  # noqa: BLE001 - no hint, then (parse_sample_meta said why)
+        return None
+    task = d.get("task") if isinstance(d, dict) else None
+    return task if isinstance(task, str) else None
+
+
+def problem(e: Exception) -> tuple[str, str]:
+    """(reason, message) of an exception raised while reading one sample."""
+    if isinstance(e, BadSample):
+        return e.kind, str(e)
+    if isinstance(e, OSError):
+        return "read_error", str(e)
+    return "other", f"{type(e).__name__}: {e}"
 
 
 class ClipReader:
-    """Decodes whole clips of eval samples; the frame count is checked against the metadata."""
+    """Decodes whole clips of eval samples, checked before use: both members present, the
+    metadata well formed, the clip bytes matching ``clip_sha256``, the sample's render hash the
+    manifest's (``checked_meta``), a clean decode, and the frame count and size. Any failure is
+    a ``BadSample`` whose ``kind`` is the reason."""
 
-    def __init__(self):
+    def __init__(self, manifests: dict[str, Manifest] | None = None):
         self.reader = ShardReader()
+        self.manifests = dict(manifests or {})
 
     def clip(self, s: EvalSample) -> np.ndarray:
-        got = self.reader.read(s.shard, s.member)
-        if got is None or "mp4" not in got[1]:
-            raise BadSample(f"{s.shard}: sample {s.key} has no clip")
         try:
-            frames = decode(got[1]["mp4"])
-        except BadSample as e:
-            raise BadSample(f"{s.shard}: sample {s.key}: {e}") from None
-        want = expected_frames(s.meta)
-        if want and len(frames) != want:
+            return self._clip(s)
+        except BadSample:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure on one sample is that sample's
+            reason, why = problem(e)
+            raise BadSample(why, reason) from None
+
+    def _clip(self, s: EvalSample) -> np.ndarray:
+        m = self.manifests.get(s.dataset)
+        if m is None:
+            m = self.manifests[s.dataset] = load_manifest(s.dataset)
+        got = self.reader.read(s.shard, s.member)
+        if got is None or not got[1]:
+            raise BadSample("the shard ends inside this sample's data", "missing_sample")
+        members = got[1]
+        if "mp4" not in members or "json" not in members:
+            raise BadSample(f"has {sorted(members)}, needs KEY.mp4 and KEY.json", "missing_member")
+        checked_meta(members, m.render_hash)  # BadSample says which check failed (its kind)
+        frames = decode(members["mp4"], "pyav", s.meta["num_frames"], m.frame_size)
+        if len(frames) != s.meta["num_frames"]:
             raise BadSample(
-                f"{s.shard}: sample {s.key}: decoded {len(frames)} frames, metadata says {want}"
+                f"decoded {len(frames)} frames, metadata says {s.meta['num_frames']}",
+                "frame_count",
+            )
+        if tuple(frames.shape[1:3]) != m.frame_size:
+            raise BadSample(
+                f"frames of {tuple(frames.shape[1:3])}, the dataset renders {m.frame_size}",
+                "frame_size",
             )
         return frames
 
     def close(self) -> None:
         self.reader.close()
+
+
+class SkipLog:
+    """Logs skipped samples, the first ``LOGGED_PER_REASON`` of each reason in full."""
+
+    def __init__(self, per_reason: int = LOGGED_PER_REASON):
+        self.per_reason = per_reason
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, s: Skipped) -> None:
+        self.counts[s.reason] += 1
+        n = self.counts[s.reason]
+        if n <= self.per_reason:
+            log.warning("skipped %s (%s): %s", s.where, s.reason, s.why)
+        if n == self.per_reason:
+            log.warning("further samples skipped for %s are counted, not logged", s.reason)
+
+
+def one_line(s: str, max_len: int = 300) -> str:
+    """A message made safe for a log line or a report: control and other unprintable
+    characters escaped (a newline in a key cannot forge a log line), at most ``max_len``."""
+    s = str(s)
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[: max_len + 1])
+    return out if len(out) <= max_len else out[: max_len - 3] + "..."
 
 
 def dataset_name(d: str) -> str:

@@ -158,6 +158,8 @@ def per_frame_quality(pred_NTHWC: np.ndarray, true_NTHWC: np.ndarray) -> dict:
             f"prediction {pred_NTHWC.shape} and truth {true_NTHWC.shape} differ in shape"
         )
     n, t = pred_NTHWC.shape[:2]
+    if n == 0 or t == 0:
+        raise ValueError(f"no frames to compare (shape {pred_NTHWC.shape})")
     ps = [[psnr(pred_NTHWC[i, j], true_NTHWC[i, j]) for i in range(n)] for j in range(t)]
     ss = [[ssim(pred_NTHWC[i, j], true_NTHWC[i, j]) for i in range(n)] for j in range(t)]
     finite = lambda xs: [x for x in xs if np.isfinite(x)] or [100.0]  # noqa: E731
