@@ -8,6 +8,7 @@ generated, never kept by hand), collectives the trainer needs, and engine checkp
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -310,11 +311,99 @@ def save_engine(engine, directory: Path, tag: str) -> None:
     engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
 
 
+def state_is_finite(engine) -> bool:
+    """Whether the fp32 master weights and the optimizer state (Adam's moments) are finite on
+    every rank: one all-reduce, one host sync.
+
+    The masters are where DeepSpeed keeps them for each ZeRO stage: this rank's flat fp32
+    partitions (stage 1/2 ``single_partition_of_fp32_groups``, stage 3
+    ``fp32_partitioned_groups_flat``, which stage 3 puts into the base optimizer's param groups
+    only during a step), the fp32 copies of a bf16/fp16 stage-0 wrapper (``fp32_groups``,
+    ``fp32_groups_flat_partition``), or the module's own parameters (fp32 stage 0, where the
+    base optimizer holds them). Each tensor's min and max are tested (``aminmax``: one pass, NaN
+    propagates, inf is an extreme; 13x faster than a full ``isfinite`` on CPU; a norm would
+    overflow to inf on large but finite weights).
+    """
+    opt = engine.optimizer
+    base = opt
+    while base is not None and not isinstance(base, torch.optim.Optimizer):
+        base = getattr(base, "optimizer", None)  # DeepSpeed's wrappers keep the torch optimizer
+    if base is None:
+        raise RuntimeError(f"cannot find the torch optimizer inside {type(opt).__name__}")
+    tensors = [p for g in base.param_groups for p in g["params"]]
+    for name in (
+        "single_partition_of_fp32_groups",
+        "fp32_partitioned_groups_flat",
+        "fp32_groups_flat_partition",
+        "fp32_groups",
+    ):
+        for t in getattr(opt, name, None) or []:
+            tensors.extend(t if isinstance(t, (list, tuple)) else [t])
+    if not any(t.numel() for t in tensors):
+        raise RuntimeError(f"cannot find the fp32 master weights of {type(opt).__name__}")
+    tensors += [v for s in base.state.values() for v in s.values() if torch.is_tensor(v)]
+    dev = device()
+    extremes = [torch.zeros(1, device=dev)]
+    seen: set[int] = set()
+    for t in tensors:
+        if id(t) not in seen and t.numel() and t.is_floating_point():
+            seen.add(id(t))
+            lo, hi = torch.aminmax(t.detach().reshape(-1))
+            extremes.append(torch.stack([lo, hi]).float().to(dev))  # no sync: stays a tensor
+    bad = (~torch.isfinite(torch.cat(extremes))).any().float()
+    return all_reduce(bad, "max").item() == 0
+
+
+def engine_safe_globals() -> list:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files, allowed (and nothing
+    else) when they are loaded with ``weights_only=True``.
+
+    Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on real engine files of
+    every ZeRO stage in fp32 and bf16 (DeepSpeed 0.19): the static loss scaler, the ZeRO stage
+    enum and the fragment address dataclass. All three are plain data: building one runs no
+    code beyond setting attributes (an int enum's lookup, a dataclass's fields).
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within the block, every ``torch.load`` runs with ``weights_only=True`` whatever its caller
+    asks, with only :func:`engine_safe_globals` allowed beyond torch's own types.
+
+    DeepSpeed's loaders (its TorchCheckpointEngine, ``zero_to_fp32``) call
+    ``torch.load(..., weights_only=False)``, which unpickles anything, and they offer no switch.
+    torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides that argument at each call (read per
+    call, so setting it for the block is enough); ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is
+    removed meanwhile (both set is an error in torch).
+    """
+    keys = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    saved = {k: os.environ.pop(k, None) for k in keys}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(engine_safe_globals()):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def load_engine(engine, directory: Path, tag: str) -> None:
-    """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails."""
-    path, _ = engine.load_checkpoint(
-        str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails.
+
+    Every file is unpickled with ``weights_only=True`` (:func:`weights_only_loads`): a planted
+    pickle payload raises ``pickle.UnpicklingError`` instead of running."""
+    with weights_only_loads():
+        path, _ = engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     sched = engine.lr_scheduler
@@ -343,16 +432,17 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no engine checkpoint here")
     if any(ckpt.glob("*optim_states.pt")):
-        import contextlib
         import io
 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step
+        # it prints a line per step; it calls torch.load(weights_only=False): forced to True
+        with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():
             sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     else:
         states = ckpt / "mp_rank_00_model_states.pt"
         if not states.is_file():
             raise FileNotFoundError(f"{ckpt}: neither ZeRO optimizer shards nor {states.name}")
-        sd = torch.load(states, map_location="cpu", weights_only=False)["module"]
+        with weights_only_loads():
+            sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in sd.items()}

@@ -234,6 +234,7 @@ def test_kill_during_save_resumes_from_previous_checkpoint(synthetic, tmp_path):
     assert again.returncode == 0, again.stdout[-3000:]
     assert "step_00000004" in again.stdout and "resumed from" in again.stdout
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "r")] == [4, 8]
+    assert checkpoint.verify(checkpoint.step_dir(tmp_path / "r", 8)).ok  # rewritten whole
 
 
 def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_db, tmp_path):
@@ -254,6 +255,8 @@ def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_d
     assert bad.returncode != 0
     assert "NonFiniteLossError" in bad.stderr and "max_skipped_steps=3" in bad.stderr
     assert [s for s, _ in checkpoint.complete_checkpoints(tmp_path / "b")][-1] == 4
+    good = checkpoint.step_dir(tmp_path / "b", 4)  # verified: the message names no torn save
+    assert f"the last good checkpoint is {good}" in bad.stderr and checkpoint.verify(good).ok
     _, run, steps = mlflow_run(mlflow_db, tmp_path / "b")
     assert run.info.status == "FAILED" and steps == [1, 2, 3, 4]
 

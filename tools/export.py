@@ -1,6 +1,6 @@
 """Export a training checkpoint (any ZeRO stage, any number of ranks) to one safetensors file.
 
-    python tools/export.py runs/fsdd --out exports/fsdd            # the latest complete checkpoint
+    python tools/export.py runs/fsdd --out exports/fsdd            # the newest verified checkpoint
     python tools/export.py runs/fsdd/checkpoints/step_00001000 --out exports/fsdd-1000
 
 The export directory holds ``model.safetensors`` (fp32), ``config.yaml`` (the resolved training
@@ -8,6 +8,10 @@ config), ``render_spec.yaml`` (when the training data's manifest is readable) an
 ``export.json`` (step, RenderSpec hash, MLflow run id and tracking URI, source checkpoint).
 ``evav eval`` and ``evav generate`` load it without DeepSpeed or the run directory. The
 directory is written under a temporary name and renamed when complete.
+
+The checkpoint is read through ``evav.eval.load``: verified against its ``COMPLETE`` marker
+(sizes and sha256) and unpickled with ``weights_only=True``, so a damaged or planted file is
+refused (exit status 2, the file named) and nothing in it runs.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "checkpoint", help="a run dir (latest complete checkpoint) or a step_NNNNNNNN dir"
+        "checkpoint", help="a run dir (newest verified checkpoint) or a step_NNNNNNNN dir"
     )
     p.add_argument("--out", required=True, help="the export directory to write")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

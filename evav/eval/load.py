@@ -1,11 +1,16 @@
 """Load a model for evaluation or generation from a training checkpoint or an exported one.
 
-    loaded = load_checkpoint("runs/x")                      # the run's latest complete checkpoint
+    loaded = load_checkpoint("runs/x")                      # the run's newest verified checkpoint
     loaded = load_checkpoint("runs/x/checkpoints/step_00001000")
     loaded = load_checkpoint("exports/x")                   # written by tools/export.py
 
-A training checkpoint's DeepSpeed shards (any ZeRO stage) are merged into full fp32 weights in
-this process, without a process group or an engine. An export directory holds
+A training checkpoint is verified against its ``COMPLETE`` marker first (sizes and sha256 of
+every file; a run directory falls back to its previous checkpoint when the newest fails, a
+checkpoint named explicitly is refused), its pickles are loaded with ``weights_only=True``
+(nothing read runs code: evav.checkpoint), and its DeepSpeed shards (any ZeRO stage) are merged
+into full fp32 weights in this process, without a process group or an engine. Nothing is set
+aside or renamed here: evaluation may run beside the training that owns the run directory.
+An export directory holds
 
     model.safetensors   the fp32 weights
     config.yaml         the resolved training config (the model section builds the model)
@@ -42,17 +47,18 @@ class Loaded:
 
 
 def resolve(path: str | Path) -> Path:
-    """A run directory -> its latest complete checkpoint; a checkpoint or export dir as is."""
+    """A run directory -> its newest checkpoint that verifies; a checkpoint or export dir as is
+    (a checkpoint is verified when loaded)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p}: no such file or directory")
     if (p / EXPORT_META).is_file() or (p / checkpoint.MARKER).is_file():
         return p
     if (p / "checkpoints").is_dir():
-        last = checkpoint.latest(p)
+        last = checkpoint.last_good(p, warn=True)
         if last is None:
             raise FileNotFoundError(
-                f"run directory {p}: no complete checkpoint in {p / 'checkpoints'}"
+                f"run directory {p}: no complete checkpoint that verifies in {p / 'checkpoints'}"
             )
         return last
     if (p / "train_state.pt").is_file():
@@ -80,7 +86,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         from evav import distributed
         from evav.metrics import read_run_id
 
-        train_state = checkpoint.read_state(p)
+        verdict = checkpoint.checked(p)  # sizes, sha256, pickles: CheckpointError naming the file
+        train_state = checkpoint.read_state(p, verdict.legacy)
         state = distributed.consolidated_state_dict(p, "engine")
         step, render_hash = int(train_state["step"]), str(train_state["render_hash"])
         # a checkpoint saved before MLflow answered has no id; the run dir's file has it then
