@@ -109,6 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     except (BadInputError, ConfigError) as e:
         print(f"evav {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # the loader's "no good sample" stop is the data's problem, not a bug: one line, no
+        # traceback (looked up only if the loader was imported: most commands never import it)
+        loader = sys.modules.get("evav.data.loader")
+        if loader is None or not isinstance(e, loader.DataExhaustedError):
+            raise
+        print(f"evav {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

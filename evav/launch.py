@@ -21,6 +21,17 @@ array of N parts plus a merge job that runs after the whole array succeeded (aft
 
 Every rendered script is complete: ``sbatch RUN/train.sbatch`` submits the same job again.
 ``--dry-run`` prints the scripts and the sbatch commands and writes nothing.
+
+Nothing given on the command line can add a line to a script. A value on an ``#SBATCH`` line
+(``--partition``, ``--account``, ``--job-name``, ``--time``, ``--sbatch=--OPTION=VALUE``, the
+``--output`` paths made from ``--run-dir`` / ``--out``) must match a strict pattern
+(``SLURM_VALUES``: letters, digits and a few of ``_ . - , : + = @ % ~ / [ ] * & |`` per option;
+never whitespace, a newline, a quote, a backslash, ``$``, a backtick, ``;``, ``#``, parentheses
+or angle brackets), else it is refused with an error naming the option: sbatch reads those lines
+itself, and a newline would end the comment. Everything that reaches a shell line (the exported
+paths, the script arguments and overrides) is quoted with ``shlex.quote``. A training config
+whose URIs carry credentials (``metrics.tracking_uri=http://user:password@...``) is refused:
+RUN/config.yaml is the job's config and never holds a secret (docs/operations.md, credentials).
 """
 
 from __future__ import annotations
@@ -37,7 +48,8 @@ import sys
 from pathlib import Path
 
 import evav
-from evav.config import dump_yaml, load_config
+from evav.config import dump_yaml, load_config, to_dict
+from evav.metrics import redact_text, redacted_config
 
 REPO = Path(evav.__file__).resolve().parents[1]
 TEMPLATES = REPO / "slurm"
@@ -45,6 +57,30 @@ SIGNAL = "USR2"  # the signal the trainer checkpoints and requeues on (evav.pree
 MEMORY_OPTIONS = ("mem", "mem-per-cpu", "mem-per-gpu")  # sbatch accepts only one of them
 UNTRACKED_DIRS = ("evav", "preprocessing", "configs", "slurm", "tools")
 UNTRACKED_MAX_BYTES = 1 << 20
+
+# What an #SBATCH value may hold, per option: (pattern, the allowed characters in words). These
+# lines are comments to bash, but sbatch parses them (whitespace splits, quotes and backslashes
+# are interpreted, `#` starts a comment) and a newline ends one: so none of those, and none of
+# the shell's own metacharacters either, in case a value is ever copied into a command.
+_NAME = r"[A-Za-z0-9_.-]+"
+_NAMES = (rf"{_NAME}(?:,{_NAME})*", "letters, digits and _ . - (several: comma-separated)")
+_PATH_CHARS = r"A-Za-z0-9_.+,:=@~/-"
+SLURM_VALUES: dict[str, tuple[str, str]] = {
+    "partition": _NAMES,
+    "qos": _NAMES,
+    "reservation": _NAMES,
+    "clusters": _NAMES,
+    "account": (_NAME, "letters, digits and _ . -"),
+    "job-name": (r"[A-Za-z0-9_.+:@,-]+", "letters, digits and _ . + : @ , -"),
+    "time": (r"(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}", "e.g. 30 (minutes), 04:00:00 or 2-00:00:00"),
+    "output": (rf"[%{_PATH_CHARS}]+", "letters, digits and _ . + , : = @ ~ / - and %"),
+    "error": (rf"[%{_PATH_CHARS}]+", "letters, digits and _ . + , : = @ ~ / - and %"),
+}
+_ANY_VALUE = (
+    r"[A-Za-z0-9_.+,:=@%~/\[\]*&|-]*",
+    "letters, digits and _ . + , : = @ % ~ / - [ ] * & |",
+)
+_SAFE_CHAR = re.compile(_ANY_VALUE[0].removesuffix("*"))
 
 
 class SubmitError(Exception):
@@ -126,11 +162,14 @@ def submit_training(args: argparse.Namespace) -> list[int]:
         raise SubmitError("--run-dir RUN is required (one directory per run)")
     if args.nodes < 1 or args.gpus_per_node < 0:
         raise SubmitError("--nodes must be >= 1 and --gpus-per-node >= 0")
-    run_dir = Path(args.run_dir).expanduser().resolve()
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise SubmitError("--cpus-per-task must be >= 1")
+    run_dir = _slurm_path("--run-dir", Path(args.run_dir).expanduser().resolve())
     cfg = load_config(TrainConfig, args.config, [*args.overrides, f"run_dir={run_dir}"])
     cfg.data.train = [str(_dataset_dir(d, "data.train")) for d in cfg.data.train]
     if not cfg.data.train:
         raise SubmitError("data.train is empty: give data.train=[DIR,...] (shard directories)")
+    _refuse_credentials(cfg)
     config_yaml = dump_yaml(cfg)
     _check_same_run(run_dir, config_yaml)
     eval_dirs = [_dataset_dir(d, "--eval-data") for d in (args.eval_data or "").split(",") if d]
@@ -149,8 +188,10 @@ def submit_training(args: argparse.Namespace) -> list[int]:
             )
     if args.eval_limit is not None and args.eval_limit < 1:
         raise SubmitError("--eval-limit must be >= 1")
+    if eval_dirs:
+        parse_time(args.eval_time, "--eval-time")
     tasks_per_node = args.gpus_per_node or 1
-    name = args.job_name or f"evav-train-{run_dir.name}"
+    name = args.job_name or _job_name("evav-train-", run_dir.name)
     train_script = render(
         _template("train.sbatch"),
         {
@@ -178,7 +219,7 @@ def submit_training(args: argparse.Namespace) -> list[int]:
             {
                 "job-name": f"{args.job_name}-eval"
                 if args.job_name
-                else f"evav-eval-{run_dir.name}",
+                else _job_name("evav-eval-", run_dir.name),
                 "nodes": "1",
                 "ntasks-per-node": str(tasks_per_node),
                 "gpus-per-node": str(args.gpus_per_node) if args.gpus_per_node else False,
@@ -302,14 +343,16 @@ def submit_preprocessing(args: argparse.Namespace) -> list[int]:
         )
     if args.time:
         parse_time(args.time)
-    out = Path(args.out).expanduser().resolve()
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise SubmitError("--cpus-per-task must be >= 1")
+    out = _slurm_path("--out", Path(args.out).expanduser().resolve())
     extra = []
     if args.shard_samples is not None:
         extra += ["--shard-samples", str(args.shard_samples)]
     if args.codec:
         extra += ["--codec", args.codec]
     logs = out / ".slurm"
-    name = args.job_name or f"evav-preprocess-{out.name}"
+    name = args.job_name or _job_name("evav-preprocess-", out.name)
     script = render(
         _template("preprocess.sbatch"),
         {
@@ -383,8 +426,12 @@ def render(
         key, value = _split_option(lines[i].split(None, 1)[1].strip(), lines[i])
         options[key] = value
     updates = dict(directives)
+    for key, value in directives.items():
+        if isinstance(value, str):
+            check_slurm_value(key, value, f"--{key}")
     for raw in extra:
         key, value = _split_option(raw, f"--sbatch={raw}")
+        check_slurm_value(key, value, f"--sbatch=--{key}")
         if key in MEMORY_OPTIONS:
             updates.update({k: False for k in MEMORY_OPTIONS})
         updates[key] = value
@@ -404,10 +451,55 @@ def render(
 
 
 def _split_option(text: str, where: str) -> tuple[str, str]:
-    m = re.fullmatch(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(.*))?", text.strip())
+    m = re.fullmatch(r"--([A-Za-z][A-Za-z0-9-]*)(?:=(.*))?", text, re.S)
     if not m:
         raise SubmitError(f"{where}: expected --option or --option=value")
     return m.group(1), m.group(2) or ""
+
+
+def check_slurm_value(key: str, value: str, where: str) -> None:
+    """Refuse a value for ``#SBATCH --KEY=VALUE`` that does not match ``SLURM_VALUES[KEY]`` (or
+    the general pattern); ``where`` names the option in the message."""
+    pattern, allowed = SLURM_VALUES.get(key, _ANY_VALUE)
+    if re.fullmatch(pattern, value):
+        return
+    bad = sorted({c for c in value if not _SAFE_CHAR.fullmatch(c)})
+    has = f" has {', '.join(map(repr, bad))};" if bad else ""
+    raise SubmitError(
+        f"{where} {value!r}:{has} not a value for an #SBATCH line (allowed: {allowed})"
+    )
+
+
+def _slurm_path(option: str, path: Path) -> Path:
+    """A path that goes onto an #SBATCH line (the job's --output): checked like a value, and
+    without % (Slurm's file name patterns: %j is the job id)."""
+    if not re.fullmatch(rf"[{_PATH_CHARS}]+", str(path)):
+        bad = sorted({c for c in str(path) if not re.fullmatch(rf"[{_PATH_CHARS}]", c)})
+        raise SubmitError(
+            f"{option} {str(path)!r}: has {', '.join(map(repr, bad))}; its path goes onto the "
+            f"job's #SBATCH --output line, which takes only letters, digits and "
+            f"_ . + , : = @ ~ / - (choose another directory)"
+        )
+    return path
+
+
+def _job_name(prefix: str, name: str) -> str:
+    """A default job name from a directory name, with what a job name cannot hold as _."""
+    return prefix + re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+def _refuse_credentials(cfg) -> None:
+    """RUN/config.yaml is the job's config and is never to hold a secret (evav.metrics)."""
+    plain, public = _flat(to_dict(cfg)), _flat(redacted_config(cfg))
+    leaking = [k for k in plain if plain[k] != public[k]]
+    if leaking:
+        raise SubmitError(
+            f"{leaking[0]}: {public[leaking[0]]!r} with credentials in the URI: evav never "
+            "writes them into RUN/config.yaml or a job script. Give the URI without them and "
+            "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+            "MLFLOW_TRACKING_TOKEN) before submitting: sbatch passes the environment to the job "
+            "(docs/operations.md, credentials)"
+        )
 
 
 def submit(sbatch: str, script: Path, *options: str) -> int:
@@ -464,11 +556,12 @@ def _show(path: Path, script: str, cmd: list[str]) -> None:
     print(shlex.join(cmd))
 
 
-def parse_time(text: str) -> int:
-    """A Slurm time limit in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
-    if not m or text.strip() in ("0",):
-        raise SubmitError(f"--time {text!r}: expected e.g. 30 (minutes), 04:00:00 or 2-00:00:00")
+def parse_time(text: str, option: str = "--time") -> int:
+    """A Slurm time limit in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (exactly:
+    no spaces, as it goes onto an #SBATCH line)."""
+    m = re.fullmatch(r"(?:([0-9]+)-)?([0-9]+)(?::([0-9]+))?(?::([0-9]+))?", text)  # ASCII digits
+    if not m or text == "0":
+        raise SubmitError(f"{option} {text!r}: expected e.g. 30 (minutes), 04:00:00 or 2-00:00:00")
     days, a, b, c = m.groups()
     nums = [int(x) for x in (a, b, c) if x is not None]
     if days is not None:  # D-HH[:MM[:SS]]
@@ -496,7 +589,7 @@ def code_snapshot(out: Path) -> dict:
         "evav_version": evav.__version__,
         "python": sys.version.split()[0],
         "submitted_at": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": shlex.join(["evav", *sys.argv[1:]]),
+        "command": redact_text(shlex.join(["evav", *sys.argv[1:]])),
         "repo": str(REPO),
     }
     commit = _git("rev-parse", "HEAD")

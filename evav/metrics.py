@@ -22,6 +22,14 @@ history. Params are immutable in MLflow (logging a changed value is an error): a
 only the keys the run does not have yet, and records each changed value as a tag
 ``changed_param.KEY`` (with a warning), never as a param.
 
+Credentials. A tracking URI may carry them (``http://user:password@host:5000``,
+``?token=...``): they are used to connect, but never printed, logged or stored. Everything that
+shows or keeps a URI or a config goes through ``redact_uri`` / ``redact_text`` /
+``redacted_config`` (RUN/config.yaml, every checkpoint's config, MLflow params and artifacts,
+warnings), and a URI with credentials gets one warning, redacted, at the start. The way to give
+them is MLflow's environment (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or
+``MLFLOW_TRACKING_TOKEN``), not the URI: see docs/operations.md.
+
 Without ``tracking_uri`` (and no ``MLFLOW_TRACKING_URI``), runs go to a SQLite store in the run
 root (``sqlite:///RUN_ROOT/mlflow.db``): the embedded default, no server needed. An experiment
 this logger creates in a SQLite store keeps its artifacts beside the database
@@ -36,11 +44,13 @@ import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, unquote_plus
 
 import numpy as np
 from PIL import Image
@@ -55,6 +65,121 @@ class MetricsConfig:
     enabled: bool = True  # False: metrics.jsonl only
     close_timeout_s: float = 20.0
     image_every: int = 100  # every N steps rank 0 logs predicted vs true frames (0: never)
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+# A query (or fragment) parameter is a credential when its name, lowercased without separators,
+# contains one of these words or ends with one of these suffixes: token, access_token,
+# X-Amz-Security-Token, password, client_secret, X-Amz-Credential, X-Amz-Signature, key,
+# api_key, sig, pwd, auth, session_id ...
+_SECRET_WORDS = ("token", "password", "passwd", "secret", "credential", "signature", "session")
+_SECRET_SUFFIXES = ("key", "sig", "pwd", "auth", "authorization")
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]*\]|[^:\[\]]*)(:\d*)?")
+
+
+def _secret_param(name: str) -> bool:
+    n = re.sub(r"[^a-z0-9]", "", unquote_plus(name).lower())
+    return any(w in n for w in _SECRET_WORDS) or n.endswith(_SECRET_SUFFIXES)
+
+
+def _split_uri(uri: str) -> tuple[str, str, str, str, str, str] | None:
+    """(scheme, userinfo, host[:port], path, query, fragment) of ``scheme://...``, else None."""
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", uri, re.S)
+    if not m:
+        return None
+    scheme, rest = m.groups()
+    end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+    authority = rest[:end]
+    if "@" in authority:
+        userinfo, authority = authority.rsplit("@", 1)
+    elif "@" in rest and not _HOST_PORT.fullmatch(authority):
+        # a password with an unencoded / ? or #: "user:pa/ss@host" is no valid host:port, so
+        # everything up to the last @ is taken as the userinfo (never shown, at worst too much)
+        userinfo, rest = rest.rsplit("@", 1)
+        end = min([i for i in (rest.find(c) for c in "/?#") if i >= 0], default=len(rest))
+        authority = rest[:end]
+    else:
+        userinfo = ""
+    tail = rest[end:]
+    tail, _, fragment = tail.partition("#")
+    path, _, query = tail.partition("?")
+    return scheme, userinfo, authority, path, query, fragment
+
+
+def _params(text: str) -> list[str]:
+    return re.split(r"[&;]", text) if text else []
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without credentials: no ``user:password@``, no credential parameters (token,
+    password, secret, key, access_token, sig, signature, ...: case-insensitive) in the query or
+    fragment; scheme, host, port, path and other parameters stay. Anything else is returned as
+    it is (a path, ``sqlite:///...``, ``databricks``)."""
+    parts = _split_uri(uri)
+    if parts is None:
+        return uri
+    scheme, userinfo, authority, path, query, fragment = parts
+    kept_q = [p for p in _params(query) if not _secret_param(p.split("=", 1)[0])]
+    kept_f = [p for p in _params(fragment) if "=" not in p or not _secret_param(p.split("=")[0])]
+    if not userinfo and kept_q == _params(query) and kept_f == _params(fragment):
+        return uri  # nothing to remove: byte for byte the same
+    out = f"{scheme}://{authority}{path}"
+    if kept_q:
+        out += "?" + "&".join(kept_q)
+    if kept_f:
+        out += "#" + "&".join(kept_f)
+    return out
+
+
+def has_credentials(uri: str | None) -> bool:
+    """Whether ``uri`` carries anything ``redact_uri`` removes."""
+    return bool(uri) and redact_uri(uri) != uri
+
+
+def uri_secrets(uri: str | None) -> list[str]:
+    """The secret values in ``uri`` (password, credential parameter values), as written and
+    decoded: what a message must never contain, wherever in it they appear."""
+    parts = _split_uri(uri or "")
+    if parts is None:
+        return []
+    _, userinfo, _, _, query, fragment = parts
+    found = []
+    if userinfo:
+        found += [userinfo, userinfo.partition(":")[2]]
+    for p in _params(query) + _params(fragment):
+        name, _, value = p.partition("=")
+        if value and _secret_param(name):
+            found.append(value)
+    found += [unquote(s) for s in found] + [unquote_plus(s) for s in found]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | tuple[str, ...] = ()) -> str:
+    """``text`` (an exception message, a command line) with every URI in it redacted and each
+    of ``secrets`` (see ``uri_secrets``) replaced by ``***``."""
+    text = _URI_IN_TEXT.sub(lambda m: redact_uri(m.group(0)), text)
+    for s in secrets:
+        text = text.replace(s, "***")
+    return text
+
+
+def redacted_config(cfg: Any) -> dict[str, Any]:
+    """The plain-data view of a config (``evav.config.to_dict``) with the credentials of every
+    URI in its strings removed: what RUN/config.yaml, checkpoints and MLflow params keep."""
+    from evav.config import to_dict
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact_text(v) if "://" in v else v
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    return clean(to_dict(cfg))
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -101,6 +226,19 @@ class MetricsLogger:
         self._params = _flatten(params or {})
         if self.cfg.enabled:
             self.tracking_uri = self.cfg.tracking_uri or default_tracking_uri(self.run_dir)
+            self.shown_uri = redact_uri(self.tracking_uri)  # what messages show, never the real
+            self._secrets = uri_secrets(self.tracking_uri)
+            if has_credentials(self.tracking_uri):
+                # MLflow prints "View run at URL" with the URL as given: not this one
+                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+                log.warning(
+                    "MLflow tracking URI %s (from %s) carries credentials: they are used to "
+                    "connect but never shown or stored; give them as MLFLOW_TRACKING_USERNAME / "
+                    "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead "
+                    "(docs/operations.md)",
+                    self.shown_uri,
+                    "metrics.tracking_uri" if self.cfg.tracking_uri else "$MLFLOW_TRACKING_URI",
+                )
             self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
             self._thread.start()
 
@@ -190,7 +328,7 @@ class MetricsLogger:
                 self._send(pending)
                 pending, backoff = [], 1.0
                 if warned:
-                    log.warning("MLflow: reachable again at %s", self.tracking_uri)
+                    log.warning("MLflow: reachable again at %s", self.shown_uri)
                     warned = False
             except Exception as e:  # noqa: BLE001 - any failure: keep the batch, retry later
                 self._contacted.set()  # nobody waits for a store that is not there
@@ -198,9 +336,9 @@ class MetricsLogger:
                     log.warning(
                         "MLflow at %s unreachable (%s: %s); retrying in the background, "
                         "metrics.jsonl keeps everything",
-                        self.tracking_uri,
+                        self.shown_uri,
                         type(e).__name__,
-                        str(e)[:200],
+                        redact_text(str(e), self._secrets)[:200],  # MLflow's names the URL
                     )
                     warned = True
                 next_try = time.monotonic() + (1.0 if closing else backoff)
@@ -251,7 +389,7 @@ class MetricsLogger:
                 "MLflow run %s (from %s) is not in %s; starting a new run",
                 self.run_id,
                 self.run_dir,
-                self.tracking_uri,
+                self.shown_uri,
             )
             self.run_id = None
             return

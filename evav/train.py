@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import random
 import resource
@@ -29,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evav import checkpoint, faults
+from evav import checkpoint, faults, runlock
 from evav import distributed as dist
-from evav.config import dump_yaml, load_config, to_dict
+from evav.config import dump_yaml, load_config
 from evav.data import DataConfig, Loader
 from evav.distributed import EngineConfig, OptimConfig
 from evav.frames.write import contact_sheet
-from evav.metrics import MetricsConfig, MetricsLogger
+from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
 from evav.model import ModelConfig, build_model, next_frame_loss, train_flops_per_frame
 from evav.preemption import Preemption, requeue_slurm_job
 
@@ -80,13 +81,15 @@ def train(cfg: TrainConfig) -> dict:
         denv = dist.init(cfg.engine)
         stack.callback(dist.destroy)
         _setup_logging(denv.rank)
+        # one trainer per run dir: rank 0 locks RUN/.lock before anything is written there
+        stack.enter_context(runlock.hold(run_dir, denv.is_main))
         preempt = Preemption()
         stack.callback(preempt.restore)
         torch.manual_seed(cfg.seed + denv.rank)
         random.seed(cfg.seed + denv.rank)
         np.random.seed((cfg.seed + denv.rank) % 2**32)
         device = dist.device()
-        config_yaml = dump_yaml(cfg)
+        config_yaml = dump_yaml(redacted_config(cfg))  # no credentials on disk
         if denv.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml)
@@ -131,9 +134,9 @@ def train(cfg: TrainConfig) -> dict:
         # -- resume ----------------------------------------------------------------------
         state = {"step": 0, "samples": 0, "frames": 0, "skipped_steps": 0}
         mlflow_run_id = None
-        last = checkpoint.latest(run_dir)
+        # the newest checkpoint that verifies; failing ones are set aside (checkpoint.py)
+        last, saved = checkpoint.resume(engine, run_dir, denv)
         if last is not None:
-            saved = checkpoint.load(engine, last)
             _check_resumable(saved, loader, denv.world_size)
             state.update({k: saved[k] for k in state})
             loader.load_state_dict(saved["loader"], saved["world_size"])
@@ -142,7 +145,9 @@ def train(cfg: TrainConfig) -> dict:
             log.info("resumed from %s at step %d", last, state["step"])
         metrics = None
         if denv.is_main:
-            metrics = MetricsLogger(run_dir, cfg.metrics, params=to_dict(cfg), run_id=mlflow_run_id)
+            metrics = MetricsLogger(
+                run_dir, cfg.metrics, params=redacted_config(cfg), run_id=mlflow_run_id
+            )
             stack.push(_end_mlflow_run(metrics))  # FINISHED, or FAILED on an exception
             metrics.set_tags(
                 {"render_hash": loader.render_hash, "world_size": str(denv.world_size)}
@@ -150,12 +155,20 @@ def train(cfg: TrainConfig) -> dict:
             metrics.log_artifact(run_dir / "config.yaml", "config")
 
         # -- loop ------------------------------------------------------------------------
-        batches = iter(loader)
+        # A step's data is waited for at the boundary before it (here, then after each step,
+        # before the stop check), where a preemption signal ends the wait: the run stops at a
+        # step boundary even while the data is late, and each step finds its batches ready.
+        batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
         step, attempt = state["step"], 0
+        waited_s = _wait_for_data(batches, step, cfg)
+        early = torch.tensor(float(preempt.requested), device=device)
+        if step < cfg.steps and dist.all_reduce(early, "max").item():
+            # preempted before this process trained a step: its resume point is unchanged
+            return _stop_preempted(step, preempt, metrics, denv)
         while step < cfg.steps:
             attempt += 1  # counts skipped steps too (fault injection is keyed on it)
-            t0 = time.perf_counter()
+            t0, waited_s = time.perf_counter() - waited_s, 0.0  # the step's time has its data wait
             loss_sum = torch.zeros((), device=device)
             task_sums = torch.zeros(2, len(tasks), device=device)  # per-task loss sums, counts
             frames_this_step, bad_micro = 0, 0
@@ -200,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
                     raise NonFiniteLossError(
                         f"{state['skipped_steps']} steps with a non-finite loss (limit "
                         f"max_skipped_steps={cfg.max_skipped_steps}); the last good checkpoint "
-                        f"is {checkpoint.latest(run_dir)}"
+                        f"is {checkpoint.last_good(run_dir)}"
                     )
                 if cfg.engine.grad_accum_steps == 1:
                     continue
@@ -247,6 +260,7 @@ def train(cfg: TrainConfig) -> dict:
                     metrics.log(record, step)
                     log.info("step %d validation: %s", step, _fmt(record))
             faults.hold(step, lambda: preempt.requested, resumed=last is not None)
+            waited_s = _wait_for_data(batches, step, cfg)  # the next step's; a signal ends it
             stop = bool(
                 dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item()
             )
@@ -263,26 +277,41 @@ def train(cfg: TrainConfig) -> dict:
                     config_yaml,
                     cfg,
                 )
-            if stop:  # the checkpoint is committed; flush the metrics before a requeue
-                if metrics:
-                    metrics.close("KILLED")
-                if preempt.received == "SIGUSR2" and denv.is_main:
-                    requeue_slurm_job()
-                dist.barrier()  # no rank exits (a failed task to srun) before the requeue
-                log.warning("stopping at step %d after %s; rerun to resume", step, preempt.received)
-                return {"step": step, "preempted": True}
+            if stop:  # the checkpoint is committed
+                return _stop_preempted(step, preempt, metrics, denv)
         return {"step": step, "preempted": False, "last_loss": window.last_loss}
 
 
+def _wait_for_data(batches, step: int, cfg: TrainConfig) -> float:
+    """Wait until the next step's micro-batches are ready (none after the last step); a
+    preemption signal ends the wait early. Returns the seconds waited (part of that step's time)."""
+    if step >= cfg.steps:
+        return 0.0
+    t0 = time.perf_counter()
+    batches.wait(cfg.engine.grad_accum_steps)
+    return time.perf_counter() - t0
+
+
+def _stop_preempted(step: int, preempt: Preemption, metrics, denv) -> dict:
+    """Leave on a preemption, the checkpoint of ``step`` committed (or the one resumed from):
+    flush the metrics before a requeue (Slurm may end the job as soon as it is requeued)."""
+    if metrics:
+        metrics.close("KILLED")
+    if preempt.received == "SIGUSR2" and denv.is_main:
+        requeue_slurm_job()
+    dist.barrier()  # no rank exits (a failed task to srun) before the requeue
+    log.warning("stopping at step %d after %s; rerun to resume", step, preempt.received)
+    return {"step": step, "preempted": True}
+
+
 def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], device, amp) -> dict:
-    """Mean next-frame loss per task over ``cfg.val_batches`` batches of the validation split."""
+    """Mean next-frame loss per task over ``cfg.val_batches`` batches of the validation split,
+    and the samples it skipped as bad (``val/skipped``, ``val/skipped/KIND``)."""
     engine.eval()
     sums = torch.zeros(2, len(tasks), device=device)
     val_loader.reset()
     with torch.no_grad():
-        for i, batch in enumerate(val_loader):
-            if i >= cfg.val_batches:
-                break
+        for batch in itertools.islice(val_loader, cfg.val_batches):  # reads no batch more
             frames = batch["frames"].to(device).float().div_(255)
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                 pred = engine(frames.to(dist.input_dtype(engine)))
@@ -303,6 +332,8 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
     }
     if sums[1].sum() > 0:
         out["val/loss"] = (sums[0].sum() / sums[1].sum()).item()
+    data = val_loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(device), op).cpu())
+    out.update({f"val/{k[5:]}": v for k, v in data.items() if k.startswith("data/skipped")})
     return out
 
 
@@ -415,7 +446,7 @@ def _save(engine, run_dir, step, state, loader, denv, metrics, render_hash, conf
     }
     full["mlflow_run_id"] = dist.broadcast_object(full["mlflow_run_id"])
     path = checkpoint.save(
-        engine, run_dir, step, full, config_yaml, denv.is_main, cfg.keep_last, cfg.keep_every
+        engine, run_dir, step, full, config_yaml, denv, cfg.keep_last, cfg.keep_every
     )
     log.info("checkpoint %s", path)
 
@@ -431,7 +462,8 @@ def _check_resumable(saved: dict, loader: Loader, world: int) -> None:
 def _get_rng() -> dict:
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        # plain lists and numbers: the checkpoint loads with weights_only=True, no numpy types
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
         "python": random.getstate(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -441,7 +473,7 @@ def _set_rng(rng: dict | None) -> None:
     if rng is None:  # world size changed: fresh per-rank streams (the data order stays exact)
         return
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    np.random.set_state(tuple(rng["numpy"]))  # numpy takes the key as a list too
     random.setstate(rng["python"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -7,6 +7,7 @@ check the logger's own rules quickly and one at a time.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +130,36 @@ def test_wait_run_id_gives_up_on_an_unreachable_server(tmp_path):
     m = MetricsLogger(tmp_path, MetricsConfig(tracking_uri="http://127.0.0.1:9", close_timeout_s=3))
     assert m.wait_run_id() is None
     m.close()
+
+
+def test_credentials_in_the_uri_are_used_but_never_shown(tmp_path, caplog, monkeypatch):
+    """One warning at the start, and the "unreachable" one (which quotes MLflow's error, naming
+    the URL), show the URI without user:password@ and without the token parameter."""
+    monkeypatch.setenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "false")  # restored afterwards
+    caplog.set_level(logging.WARNING, "evav.metrics")
+    uri = "http://evav:SeCrEt123@127.0.0.1:9/?access_token=SeCrEt123&x=1"  # port 9: refused
+    m = MetricsLogger(tmp_path, MetricsConfig(tracking_uri=uri, close_timeout_s=3))
+    m.log({"train/loss": 1.0}, step=1)
+    assert m.wait_run_id() is None
+    m.close()
+    assert m.tracking_uri == uri and m.shown_uri == "http://127.0.0.1:9/?x=1"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings[0].startswith(
+        "MLflow tracking URI http://127.0.0.1:9/?x=1 (from metrics.tracking_uri) carries "
+        "credentials: they are used to connect but never shown or stored"
+    )
+    assert sum("carries credentials" in w for w in warnings) == 1
+    unreachable = [w for w in warnings if "unreachable" in w]
+    assert unreachable and unreachable[0].startswith(
+        "MLflow at http://127.0.0.1:9/?x=1 unreachable (MlflowException: API request to "
+        "http://127.0.0.1:9/?x=1/api/2.0/mlflow/"
+    ), unreachable
+    assert "secret123" not in caplog.text.lower()
+    assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # MLflow's own line
+
+
+def test_a_uri_without_credentials_gets_no_warning(uri, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, "evav.metrics")
+    m = logger(tmp_path, uri)
+    m.close()
+    assert m.shown_uri == uri and "credentials" not in caplog.text

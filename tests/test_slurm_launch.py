@@ -250,6 +250,193 @@ def test_parse_time_and_render():
     assert "export RUN_DIR='/a b'\n[[ $# -gt 0 ]] || set -- 'x y' z\n# ---\nset -e\n" in text
 
 
+# -- hostile values: nothing given to `evav submit` adds a line to a script ----------------------
+
+HOSTILE = [
+    "gpu\ntouch PWNED",  # a newline ends the #SBATCH comment: the rest would be a command
+    "gpu\r\ntouch PWNED",
+    "$(touch PWNED)",
+    "`touch PWNED`",
+    "gpu;touch PWNED",
+    "gpu && touch PWNED",
+    "gpu|touch",
+    "'gpu'",
+    '"gpu"',
+    "gpu#x",
+    "gpu\\",
+    "${HOME}",
+    "gpu x",
+    "\u0663",  # ARABIC-INDIC DIGIT THREE: a digit to Python regexes and int(), not to Slurm
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+@pytest.mark.parametrize(
+    "option", ["--partition", "--account", "--job-name", "--time", "--eval-time", "--sbatch"]
+)
+def test_hostile_slurm_option_values_are_refused(dataset, tmp_path, capsys, option, value):
+    args = [CONFIG, f"data.train=[{dataset}]", "--run-dir", tmp_path / "run", "--dry-run"]
+    if option == "--sbatch":
+        args.append(f"--sbatch=--qos={value}")
+    else:
+        args += [option, value]
+    if option == "--eval-time":
+        args += ["--eval-data", dataset]
+    code, out, err = submit_cli(capsys, *args)
+    assert code == 2, out
+    if option in ("--time", "--eval-time"):
+        assert f"{option} {value!r}: expected e.g. 30 (minutes), 04:00:00 or 2-00:00:00" in err
+    else:
+        where = "--sbatch=--qos" if option == "--sbatch" else option
+        assert f"{where} {value!r}:" in err and "not a value for an #SBATCH line" in err, err
+    assert "PWNED" not in out and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["a|b", "node[01-04]", "gpu:a100:8", "ALL,FOO=1", "x&y"])
+def test_generic_sbatch_values_slurm_needs_pass(dataset, tmp_path, capsys, value):
+    code, out, err = submit_cli(
+        capsys,
+        CONFIG,
+        f"data.train=[{dataset}]",
+        "--run-dir",
+        tmp_path / "run",
+        f"--sbatch=--constraint={value}",
+        "--partition",
+        "gpu,debug",
+        "--dry-run",
+    )
+    assert code == 0, err
+    assert f"\n#SBATCH --constraint={value}\n" in out and "\n#SBATCH --partition=gpu,debug\n" in out
+
+
+@pytest.mark.parametrize(
+    "name", ["run\ntouch PWNED", "run$(touch PWNED)", "r`x`", "r;x", "r x", "r%j"]
+)
+def test_a_run_dir_that_cannot_go_onto_an_sbatch_line_is_refused(dataset, tmp_path, capsys, name):
+    run_dir = tmp_path / name
+    code, out, err = submit_cli(
+        capsys, CONFIG, f"data.train=[{dataset}]", "--run-dir", run_dir, "--dry-run"
+    )
+    assert code == 2, out
+    assert f"evav submit: error: --run-dir {str(run_dir)!r}: has " in err
+    assert "#SBATCH --output line" in err and not run_dir.exists()
+    code, out, err = submit_cli(capsys, "--preprocess", "synthetic", "--out", run_dir, "--dry-run")
+    assert code == 2 and f"--out {str(run_dir)!r}: has " in err, out + err
+
+
+def settings_words(script: str) -> list[str]:
+    """The words of the settings `evav submit` put after the #SBATCH block (shlex, as bash
+    reads them: a quoted value is one word whatever it holds)."""
+    import shlex
+
+    block = script.split("# --- rendered by `evav submit`", 1)[1].split("\nset -euo pipefail\n")[0]
+    # without the marker lines around it (shlex takes the # of `$#` for a comment; bash not)
+    return shlex.split(block.split("\n", 1)[1].rsplit("\n# ---", 1)[0])
+
+
+def run_settings(script: str, cwd: Path) -> list[str]:
+    """Run the settings block in bash and return what the job would see: the exported values
+    and the script's arguments, NUL-separated (so a newline inside one stays inside it)."""
+    block = script.split("# --- rendered by `evav submit`", 1)[1].split("\nset -euo pipefail\n")[0]
+    code = block.split("\n", 1)[1] + '\nprintf "%s\\0" "$DATA" "$EVAV_WORKDIR" "$RUN_DIR" "$@"\n'
+    done = subprocess.run(["bash", "-c", code, "job"], cwd=cwd, capture_output=True, check=True)
+    return done.stdout.decode().split("\0")[:-1]
+
+
+def test_hostile_paths_and_arguments_reach_the_job_as_single_words(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    """The eval data dir, the working directory, the preprocessing source, codec and builder
+    options hold a newline, $(...), backticks and ;: the scripts stay valid bash, no command is
+    added, and each value arrives as one word, unchanged."""
+    evil = "d\n$(touch PWNED)`touch PWNED`;touch PWNED 'q\" x"
+    data = tmp_path / f"data{evil}"
+    data.mkdir()
+    (data / "manifest.json").write_text((dataset / "manifest.json").read_text())
+    cwd = tmp_path / f"cwd{evil}"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run_dir = tmp_path / "run=a~b"
+    code, out, err = submit_cli(
+        capsys,
+        CONFIG,
+        f"data.train=[{dataset}]",
+        "--run-dir",
+        run_dir,
+        "--eval-data",
+        data,
+        "--dry-run",
+    )
+    assert code == 0, err
+    train = out.split(f"# {run_dir / 'train.sbatch'}\n")[1].split(f"\n# {run_dir}/eval.sbatch")[0]
+    evaluation = out.split(f"# {run_dir / 'eval.sbatch'}\n")[1].rsplit("\nsbatch --parsable", 1)[0]
+    assert "#SBATCH --job-name=evav-train-run_a_b\n" in train  # = and ~ do not go into a name
+    assert "#SBATCH --job-name=evav-eval-run_a_b\n" in evaluation
+    for name, script in [("train", train), ("eval", evaluation)]:
+        path = tmp_path / f"{name}.sbatch"
+        path.write_text(script)
+        subprocess.run(["bash", "-n", str(path)], check=True)
+    assert f"EVAV_WORKDIR={cwd}" in settings_words(train)
+    assert f"DATA={data}" in settings_words(evaluation)
+    assert run_settings(evaluation, tmp_path)[:3] == [str(data), str(cwd), ""]
+    assert run_settings(train, tmp_path)[1:3] == [str(cwd), str(run_dir)]
+
+    src = tmp_path / f"src{evil}"
+    src.mkdir()
+    out_dir = tmp_path / "shards"
+    code, out, err = submit_cli(
+        capsys,
+        "--preprocess",
+        "synthetic",
+        "--src",
+        src,
+        "--out",
+        out_dir,
+        "--codec",
+        evil,
+        f"train_per_task={evil}",
+        "--dry-run",
+    )
+    assert code == 0, err
+    script = out.split(f"# {out_dir}/.slurm/preprocess.sbatch\n")[1].rsplit("\nsbatch ", 2)[0]
+    (tmp_path / "pre.sbatch").write_text(script)
+    subprocess.run(["bash", "-n", str(tmp_path / "pre.sbatch")], check=True)
+    args = ["synthetic", str(src), str(out_dir), "--codec", evil, f"train_per_task={evil}"]
+    words = settings_words(script)
+    assert words[words.index("--") + 1 :] == args
+    assert run_settings(script, tmp_path)[3:] == args
+    assert not list(tmp_path.rglob("PWNED")) and not list(cwd.rglob("PWNED"))
+
+
+def test_credentials_in_the_config_are_refused_and_never_printed(dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    uri = "http://user:SeCrEt123@mlflow:5000/?token=SeCrEt123"
+    code, out, err = submit_cli(
+        capsys,
+        CONFIG,
+        f"data.train=[{dataset}]",
+        f"metrics.tracking_uri={uri}",
+        "--run-dir",
+        run_dir,
+        "--dry-run",
+    )
+    assert code == 2, out
+    assert (
+        "evav submit: error: metrics.tracking_uri: 'http://mlflow:5000/' with credentials in the "
+        "URI: evav never writes them into RUN/config.yaml or a job script" in err
+    )
+    assert "MLFLOW_TRACKING_USERNAME" in err
+    assert "SeCrEt123" not in out + err and not run_dir.exists()
+
+
+def test_code_snapshot_records_the_command_without_credentials(tmp_path, monkeypatch):
+    argv = ["evav", "train", "x.yaml", "metrics.tracking_uri=http://u:SeCrEt123@h:5000/?sig=S"]
+    monkeypatch.setattr(sys, "argv", argv)
+    info = code_snapshot(tmp_path)
+    assert info["command"] == "evav train x.yaml 'metrics.tracking_uri=http://h:5000/'"
+    assert "SeCrEt123" not in (tmp_path / "version.json").read_text()
+
+
 # -- on the cluster ---------------------------------------------------------------------------
 
 

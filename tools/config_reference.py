@@ -37,7 +37,7 @@ NOTES = {
     "TrainConfig.steps": "optimizer steps to train for (the learning-rate schedule ends here)",
     "TrainConfig.log_every": "steps between metric records and log lines",
     "TrainConfig.val_batches": "batches of the validation split per validation",
-    "TrainConfig.keep_last": "committed checkpoints kept (plus those of keep_every)",
+    "TrainConfig.keep_last": "checkpoints that verify, kept (plus those of keep_every)",
     "ModelConfig.preset": "architecture preset (table below); null fields take its values",
     "ModelConfig.family": "flat or paper",
     "ModelConfig.mlp_ratio": "MLP hidden width = dim * mlp_ratio",

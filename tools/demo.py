@@ -280,11 +280,11 @@ class Demo:
         return out
 
     def mlflow_command(self) -> str:
-        from evav.metrics import default_tracking_uri
+        from evav.metrics import default_tracking_uri, redact_uri
 
         uri = default_tracking_uri(self.run_dir)
         if not uri.startswith("sqlite:"):
-            return f"open {uri} (MLFLOW_TRACKING_URI)"
+            return f"open {redact_uri(uri)} (MLFLOW_TRACKING_URI)"
         mlflow = Path(sys.executable).with_name("mlflow")
         exe = str(mlflow) if mlflow.exists() else "mlflow"
         return f"{exe} ui --backend-store-uri {uri}"

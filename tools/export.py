@@ -30,6 +30,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     from evav.eval.load import EXPORT_META, EXPORT_WEIGHTS, load_checkpoint
     from evav.frames import RenderSpec
     from evav.manifest import load_manifest
+    from evav.metrics import redact_uri, redacted_config
 
     out = Path(out)
     if out.exists() and not force:
@@ -40,7 +41,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
     tmp.mkdir(parents=True)
     state = {k: v.detach().cpu().contiguous() for k, v in loaded.model.state_dict().items()}
     save_file(state, str(tmp / EXPORT_WEIGHTS))
-    (tmp / "config.yaml").write_text(dump_yaml(loaded.config))
+    (tmp / "config.yaml").write_text(dump_yaml(redacted_config(loaded.config)))
     for d in loaded.config.data.train:  # the RenderSpec, so generation renders inputs the same way
         try:
             spec = from_dict(RenderSpec, load_manifest(d).render_spec, "render_spec")
@@ -53,7 +54,7 @@ def export(checkpoint: str | Path, out: str | Path, force: bool = False) -> Path
         "step": loaded.step,
         "render_hash": loaded.render_hash,
         "mlflow_run_id": loaded.mlflow_run_id,
-        "tracking_uri": loaded.tracking_uri,
+        "tracking_uri": redact_uri(loaded.tracking_uri) if loaded.tracking_uri else None,
         "source": str(loaded.path.resolve()),
         "parameters": sum(v.numel() for v in state.values()),
     }

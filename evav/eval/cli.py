@@ -1,6 +1,6 @@
 """`evav eval` and `evav generate`.
 
-evav eval runs/fsdd --data shards/fsdd --out results.json        # latest complete checkpoint
+evav eval runs/fsdd --data shards/fsdd --out results.json        # newest checkpoint that verifies
 torchrun --nproc_per_node 2 -m evav.cli eval runs/fsdd --data shards/fsdd   # samples split over ranks
 evav generate runs/fsdd --task fsdd --input 7_george_0.wav --frames 1 --out answer.gif
 evav generate exports/tiny --task add --input "two plus two" --frames 1 --out answer.png
@@ -19,7 +19,7 @@ log = logging.getLogger("evav.eval")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint",
-        help="a run dir (its latest complete checkpoint), a "
+        help="a run dir (its newest checkpoint that verifies), a "
         "RUN/checkpoints/step_NNNNNNNN dir, or an export dir (tools/export.py)",
     )
     p.add_argument(
@@ -63,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
     from evav.eval.load import load_checkpoint
     from evav.eval.run import EvalOptions, RenderMismatchError, evaluate
     from evav.eval.samples import NoSamplesError, default_split, load_eval_data
+    from evav.metrics import redact_uri
 
     logging.basicConfig(
         level=logging.INFO,
@@ -141,7 +142,10 @@ def main(args: argparse.Namespace) -> int:
                 results, files, loaded.tracking_uri, loaded.mlflow_run_id, loaded.step
             )
             if run_id:
-                print(f"mlflow:  run {run_id} at {loaded.tracking_uri or 'the default store'}")
+                where = (
+                    redact_uri(loaded.tracking_uri) if loaded.tracking_uri else "the default store"
+                )
+                print(f"mlflow:  run {run_id} at {where}")
         return 0
     finally:
         dist.destroy()

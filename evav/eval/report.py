@@ -229,6 +229,8 @@ def log_mlflow(
     results: dict, files: list[Path], tracking_uri: str | None, run_id: str | None, step: int
 ) -> str | None:
     """Log to the training run (or a new ``evav-eval`` run); returns the run id, None on failure."""
+    from evav.metrics import redact_text, uri_secrets
+
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
@@ -272,7 +274,7 @@ def log_mlflow(
         log.warning(
             "MLflow logging failed (%s: %s); results are in the JSON file",
             type(e).__name__,
-            str(e)[:200],
+            redact_text(str(e), uri_secrets(tracking_uri))[:200],  # MLflow quotes the URL
         )
         return None
 
