@@ -50,7 +50,14 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
 def preprocess_main(args: argparse.Namespace) -> int:
     from preprocessing.builders import builder_names, get_builder
     from preprocessing.merge import merge
-    from preprocessing.runner import BuildConfig, build, describe, parse_overrides, slurm_parts
+    from preprocessing.runner import (
+        BuildConfig,
+        WorkerDied,
+        build,
+        describe,
+        parse_overrides,
+        slurm_parts,
+    )
 
     if args.list:
         for name in builder_names():
@@ -87,7 +94,7 @@ def preprocess_main(args: argparse.Namespace) -> int:
             manifest = build(cfg)
             if manifest is None:
                 return 0
-    except (ValueError, ConfigError) as e:
+    except (ValueError, ConfigError, OSError, WorkerDied) as e:  # OSError: writing --out
         print(f"evav preprocess: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {describe(manifest)}")
@@ -124,22 +131,45 @@ def _command(args: argparse.Namespace) -> str:
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Exit status: 0, 1 when --verify found a problem (each is listed as `SHARD KEY: reason`, "
+        "then counted per reason), 2 when PATH cannot be inspected."
+    )
     p.add_argument("path", help="a dataset folder (with manifest.json), a split folder or a .tar")
     p.add_argument("--out", help="write N random samples: a contact sheet .png, or a .gif")
     p.add_argument("--num", type=int, default=8, help="samples in --out (default 8)")
     p.add_argument("--seed", type=int, default=0, help="which random samples")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every shard (size, sha256, tar structure, sample count) and every sample "
+        "(metadata, clip checksum, render hash, a clean decode to its frames); exit 1 on any "
+        "problem",
+    )
+    p.add_argument(
+        "--max-lines",
+        type=int,
+        default=50,
+        help="with --verify: list at most this many problems (all are counted; default 50)",
+    )
 
 
 def inspect_main(args: argparse.Namespace) -> int:
-    from preprocessing.inspect import inspect, write_examples
+    from preprocessing.inspect import inspect, verify, write_examples
 
     try:
-        report = inspect(args.path)
-        print(report.text())
+        rc, report = 0, None
+        if args.verify:
+            v = verify(args.path, keep=max(0, args.max_lines))
+            print(v.text())
+            rc = 0 if v.ok else 1
+        else:
+            report = inspect(args.path)
+            print(report.text())
         if args.out:
-            out = write_examples(report, args.out, args.num, args.seed)
+            out = write_examples(report or inspect(args.path), args.out, args.num, args.seed)
             print(f"wrote {out}")
     except ValueError as e:
         print(f"evav inspect: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc

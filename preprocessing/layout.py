@@ -19,6 +19,7 @@ from pathlib import Path
 from preprocessing.shards import shard_name
 
 STATE = ".build"
+RECORD_FIELDS = "split index inputs samples frames tasks quarantined path bytes".split()
 
 
 def plan_path(out: Path) -> Path:
@@ -38,7 +39,16 @@ def shard_path(out: Path, split: str, index: int) -> Path:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    """A build file's JSON object; ValueError naming the file if it is unreadable or not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(
+            f"{path}: unreadable build file ({e}); delete --out to start over"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object; delete --out to start over")
+    return data
 
 
 def read_record(out: Path, split: str, index: int) -> dict | None:
@@ -47,6 +57,8 @@ def read_record(out: Path, split: str, index: int) -> dict | None:
     if not path.is_file():
         return None
     rec = read_json(path)
+    if any(k not in rec for k in RECORD_FIELDS) or not isinstance(rec["quarantined"], list):
+        raise ValueError(f"{path}: not a shard record; delete --out to start over")
     if rec["samples"]:
         tar = out / rec["path"]
         if not tar.is_file() or tar.stat().st_size != rec["bytes"]:

@@ -17,8 +17,13 @@ How work is cut (so that any number of workers or parts gives the same bytes):
    a single-part build merges itself, and so does the part that finds every shard done; the
    explicit step is ``evav preprocess --merge`` (the dependent Slurm job).
 
-A bad input (``BadInputError`` from the builder or a renderer) is quarantined with its reason;
-inputs = samples written + quarantined, in every shard record.
+Bad input never stops a build: any exception raised while reading, rendering or encoding one
+input (a ``BadInputError`` from the builder or a renderer, or any other error a decoder raises
+on a hostile file) quarantines that input with its reason (the exception's type too, when it is
+not a BadInputError), in the parent and in every worker process; inputs = samples written +
+quarantined, in every shard record. What stops a build, before any work, is a bad option or a
+wrong layout (``list_items`` raising ValueError). A worker process killed from outside (the OOM
+killer, a crash inside a C decoder) stops the build with that message; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +47,7 @@ from tqdm import tqdm
 from evav import __version__
 from evav.codec import CodecSpec, encode_clip
 from evav.config import apply_overrides, from_dict, to_dict
-from evav.errors import BadInputError
+from evav.errors import BadInputError, describe_error
 from evav.frames import RenderSpec, build_clip
 from evav.frames.video import set_decode_threads
 from evav.manifest import Manifest, SampleMeta, clip_checksum, write_json_atomic
@@ -58,6 +64,8 @@ from preprocessing.merge import merge
 from preprocessing.shards import ShardWriter, file_sha256
 
 ESTIMATE_INPUTS = 8  # inputs rendered per split to turn --shard-mb into a sample count
+MAX_WORKERS = 1024
+MAX_SHARD_MB = 1_000_000.0  # 1 TB: any larger is a typo
 
 
 @dataclass
@@ -97,7 +105,10 @@ class Job:
         return cls(self.src, from_dict(cls.Options, self.options, self.builder), spec, self.seed)
 
     def items(self, builder: Builder) -> dict[str, list[Item]]:
-        items = builder.list_items()
+        try:
+            items = builder.list_items()
+        except OSError as e:  # an unreadable folder or layout file: a layout error, before work
+            raise ValueError(f"{self.builder}: --src {self.src}: cannot read: {e}") from None
         return {
             s: v[: self.limit] if self.limit is not None else v for s, v in sorted(items.items())
         }
@@ -105,19 +116,13 @@ class Job:
 
 def build(cfg: BuildConfig) -> Manifest | None:
     """Build this part's shards; return the manifest when the build is complete (else None)."""
-    if cfg.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {cfg.workers}")
-    if not 0 <= cfg.part < cfg.num_parts:
-        raise ValueError(f"--part must be in 0..{cfg.num_parts - 1}, got {cfg.part}")
-    if cfg.shard_samples is not None and cfg.shard_samples < 1:
-        raise ValueError("--shard-samples must be >= 1")
-    if cfg.limit is not None and cfg.limit < 0:
-        raise ValueError("--limit must be >= 0")
+    check_numbers(cfg)
     cls = get_builder(cfg.builder)
     codec = CodecSpec.parse(cfg.codec or cls.codec)
     options = to_dict(from_dict(cls.Options, cfg.options, cfg.builder))
     render = to_dict(from_dict(RenderSpec, cfg.render, "render"))
     out = Path(cfg.out)
+    check_out(out, cfg.src)
     job = Job(cfg.builder, cfg.src, options, render, cfg.seed, str(codec), cfg.limit, str(out))
     builder = job.make_builder()
     items = job.items(builder)
@@ -158,6 +163,43 @@ def build(cfg: BuildConfig) -> Manifest | None:
     return merge(out)
 
 
+def check_numbers(cfg: BuildConfig) -> None:
+    """Every numeric option in range (and finite), or a ValueError naming the option."""
+
+    def integer(flag: str, v: object, lo: int, hi: int | None = None) -> None:
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo or (hi is not None and v > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+            raise ValueError(f"{flag} must be {bound}, got {v!r}")
+
+    integer("--workers", cfg.workers, 1, MAX_WORKERS)
+    integer("--num-parts", cfg.num_parts, 1)
+    if not isinstance(cfg.part, int) or not 0 <= cfg.part < cfg.num_parts:
+        raise ValueError(f"--part must be in 0..{cfg.num_parts - 1}, got {cfg.part!r}")
+    integer("--seed", cfg.seed, 0)
+    if cfg.shard_samples is not None:
+        integer("--shard-samples", cfg.shard_samples, 1)
+    if cfg.limit is not None:
+        integer("--limit", cfg.limit, 0)
+    mb = cfg.shard_mb
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not 0 < mb <= MAX_SHARD_MB:
+        raise ValueError(f"--shard-mb must be a number in (0, {MAX_SHARD_MB:g}], got {mb!r}")
+
+
+def check_out(out: Path, src: str | None) -> None:
+    """Refuse, before any work, an ``--out`` that is a file or lies inside ``--src`` (the
+    builder would list the build's own files as inputs on the next run)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    if src is None:
+        return
+    o, s = out.resolve(), Path(src).resolve()
+    if o == s or (s.is_dir() and s in o.parents):
+        raise ValueError(
+            f"--out {out} is inside --src {src}: the build would read its own output as input; "
+            "choose an --out outside the raw data"
+        )
+
+
 # -- planning --------------------------------------------------------------------------------
 def _plan(job: Job, builder: Builder, items: dict[str, list[Item]], cfg: BuildConfig) -> dict:
     splits = {}
@@ -182,7 +224,7 @@ def _estimate_shard_samples(builder, its, split, job, shard_mb: float) -> int:
     for n, item in enumerate(its[:ESTIMATE_INPUTS]):
         try:
             members, _ = render_sample(builder, item, f"{n:08d}", split, job.codec)
-        except BadInputError:
+        except Exception:  # a bad input: the shard run quarantines it, here it is skipped
             continue
         sizes.append(sum(len(b) for b in members.values()) + 1536)  # + tar headers
     mean = sum(sizes) / len(sizes) if sizes else 2**20
@@ -268,11 +310,12 @@ def _run_shard(builder, items, plan, job: Job, split: str, index: int, progress)
         item = items[split][n]
         try:
             members, meta = render_sample(builder, item, f"{n:08d}", split, job.codec)
+        except Exception as e:  # any error on one input is that input's (never the build's)
+            quarantined.append({"source": item.source, "reason": _reason(e, item)})
+        else:
             samples.append((meta.key, members))
             tasks[meta.task] += 1
             frames += meta.num_frames
-        except BadInputError as e:
-            quarantined.append({"source": item.source, "reason": _reason(e, item)})
         progress(1)
     final = shard_path(out, split, index)
     record = {
@@ -299,12 +342,20 @@ def _run_shard(builder, items, plan, job: Job, split: str, index: int, progress)
     write_json_atomic(rec_path, record)
 
 
-def _reason(e: BadInputError, item: Item) -> str:
-    return e.reason if e.path == item.source else f"{e.path}: {e.reason}"
+def _reason(e: Exception, item: Item) -> str:
+    """The quarantine reason: BadInputError's own (with its path when that is not the input's
+    source, e.g. a groundtruth file), else the exception's type and message."""
+    if isinstance(e, BadInputError) and e.path != item.source:
+        return f"{e.path}: {e.reason}"
+    return describe_error(e)
 
 
 # -- worker processes ------------------------------------------------------------------------
 _WORKER: dict = {}
+
+
+class WorkerDied(RuntimeError):
+    """A worker process was killed from outside (no Python exception of an input can do it)."""
 
 
 def _progress_bar(total: int, desc: str):
@@ -312,7 +363,7 @@ def _progress_bar(total: int, desc: str):
     return lambda: tqdm(total=total, unit="sample", desc=desc, dynamic_ncols=True, smoothing=0.05)
 
 
-def _init_worker(job: Job, plan: dict, progress_queue) -> None:
+def _init_worker(job: Job, plan: dict) -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
@@ -321,7 +372,6 @@ def _init_worker(job: Job, plan: dict, progress_queue) -> None:
     if "builder" not in _WORKER:  # spawned (not forked): rebuild the builder and its inputs
         builder = job.make_builder()
         _WORKER.update(builder=builder, items=job.items(builder))
-    _WORKER.update(job=job, plan=plan, q=progress_queue)
 
 
 class _Progress:
@@ -337,56 +387,99 @@ class _Progress:
 
     def flush(self) -> None:
         if self.n:
-            self.q.put(self.n)
+            self.q.put(("progress", self.n))
         self.n, self.last = 0, time.monotonic()
 
 
-def _work(sid: tuple[str, int]) -> tuple[str, int]:
-    w = _WORKER
-    progress = _Progress(w["q"])
-    _run_shard(w["builder"], w["items"], w["plan"], w["job"], *sid, progress)
-    progress.flush()
-    return sid
+def _worker(job: Job, plan: dict, tasks, events) -> None:
+    """A worker process: shards from ``tasks`` until ``None``; ``events`` carries progress,
+    finished shards and, for a bug (never a bad input: those are quarantined), the traceback."""
+    _init_worker(job, plan)
+    progress = _Progress(events)
+    while (sid := tasks.get()) is not None:
+        try:
+            _run_shard(_WORKER["builder"], _WORKER["items"], plan, job, *sid, progress)
+        except BaseException:
+            events.put(("error", sid, traceback.format_exc()))
+            return
+        progress.flush()
+        events.put(("done", sid))
 
 
 def _run_pool(job: Job, builder, items, plan: dict, todo: list, workers: int, bar) -> None:
     """Shards over ``workers`` processes: forked on Linux (they inherit the builder and its
-    inputs, so they start at once), spawned elsewhere. Progress comes back through a queue."""
+    inputs, so they start at once), spawned elsewhere; they take shards from a queue.
+
+    Not multiprocessing.Pool: when a worker is killed from outside (the OOM killer, a crash in
+    a C decoder) the Pool replaces it but never reruns its shard, and its terminate() can then
+    wait forever on a queue lock the dead worker held. Here a dead worker stops the build with
+    WorkerDied and the others are killed; a rerun builds the missing shards.
+    """
     fork = sys.platform == "linux"
     ctx = mp.get_context("fork" if fork else "spawn")
-    progress = ctx.Queue()
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for sid in todo:
+        tasks.put(sid)
+    for _ in range(workers):
+        tasks.put(None)
     if fork:
         _WORKER.update(builder=builder, items=items)
+    procs = [ctx.Process(target=_worker, args=(job, plan, tasks, events)) for _ in range(workers)]
     try:
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(job, plan, progress))
+        for p in procs:
+            p.start()
     finally:
         _WORKER.clear()
-    with pool, bar() as b:
-        results = [pool.apply_async(_work, (sid,)) for sid in todo]
-        while results:
-            try:
-                b.update(progress.get(timeout=0.2))
-                while True:
-                    b.update(progress.get_nowait())
-            except queue.Empty:
-                pass
-            for r in [r for r in results if r.ready()]:
-                r.get()  # re-raises a worker's exception (a bug, not a bad input)
-                results.remove(r)
-        while True:
-            try:
-                b.update(progress.get_nowait())
-            except queue.Empty:
-                break
+    finished = False
+    try:
+        with bar() as b:  # after the fork: tqdm starts a monitor thread
+            left = set(todo)
+            while left:
+                try:
+                    kind, *rest = events.get(timeout=0.2)
+                except queue.Empty:
+                    kind, rest = "", []
+                if kind == "progress":
+                    b.update(rest[0])
+                elif kind == "done":
+                    left.discard(tuple(rest[0]))
+                elif kind == "error":
+                    raise RuntimeError(f"a worker failed on shard {rest[0]}:\n{rest[1]}")
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and left:
+                    raise WorkerDied(
+                        f"a worker process died while building (exit code {dead[0].exitcode}: "
+                        "killed from outside, e.g. out of memory, or a crash inside a decoder); "
+                        "rerun the same command to resume"
+                    )
+        finished = True
+    finally:
+        for p in procs:
+            if finished:
+                p.join()
+            else:  # Ctrl-C, a dead worker, a bug: the rest stop now
+                p.kill()
+                p.join()
 
 
 def slurm_parts() -> tuple[int, int]:
     """(num_parts, part) from a Slurm array job's environment, else (1, 0)."""
-    count, task = os.environ.get("SLURM_ARRAY_TASK_COUNT"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if count is None or task is None:
+    env = os.environ
+    if env.get("SLURM_ARRAY_TASK_COUNT") is None or env.get("SLURM_ARRAY_TASK_ID") is None:
         return 1, 0
-    lo = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return int(count), int(task) - lo
+    values = {}
+    for name, default in (
+        ("SLURM_ARRAY_TASK_COUNT", None),
+        ("SLURM_ARRAY_TASK_ID", None),
+        ("SLURM_ARRAY_TASK_MIN", "0"),
+    ):
+        v = env.get(name, default)
+        try:
+            values[name] = int(v)
+        except ValueError:
+            raise ValueError(f"{name}={v!r} is not an integer (Slurm array environment)") from None
+    count, task = values["SLURM_ARRAY_TASK_COUNT"], values["SLURM_ARRAY_TASK_ID"]
+    return count, task - values["SLURM_ARRAY_TASK_MIN"]
 
 
 def parse_overrides(overrides: list[str]) -> tuple[dict, dict]:
@@ -408,4 +501,13 @@ def describe(manifest: Manifest) -> str:
     return "; ".join(parts) + f" (codec {manifest.codec})"
 
 
-__all__ = ["BuildConfig", "Job", "build", "describe", "merge", "parse_overrides", "render_sample"]
+__all__ = [
+    "BuildConfig",
+    "Job",
+    "WorkerDied",
+    "build",
+    "describe",
+    "merge",
+    "parse_overrides",
+    "render_sample",
+]

@@ -63,10 +63,23 @@ def test_bad_file_exits_non_zero_naming_it(tmp_path, capsys, name, content, reas
 def test_bad_override_and_usage_errors(tmp_path, capsys):
     assert main(["render", "--text", "x", "--out", str(tmp_path / "o.png"), "heigth=128"]) == 2
     assert "did you mean 'height'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["render", "--out", str(tmp_path / "o.png")])  # neither text nor file
-    with pytest.raises(SystemExit):
-        main(["render", "--text", "x", "--out", str(tmp_path / "o.bmp")])
+    out = str(tmp_path / "o.png")
+    src = str(TEST_DATA / "moving_square.mp4")
+    for args, message in [
+        (["--out", out], "give exactly one of --text TEXT or one FILE"),
+        (["--text", "x", "--out", str(tmp_path / "o.bmp")], "must end in .png, .gif or .mp4"),
+        ([src, "--frames", "0", "--out", out], "--frames must be between 1 and 10000, got 0"),
+        ([src, "--frames", "-3", "--out", out], "--frames must be between 1 and 10000, got -3"),
+        ([src, "--frames", "99999", "--out", out], "--frames must be between 1 and 10000"),
+        (["--text", "x", "--out", out, "font_scale=nan"], "font_scale must be in (0, 100]"),
+        (["--text", "x", "--out", out, "audio.top_db=-1"], "audio.top_db must be in (0, 200]"),
+        (["--text", "   ", "--out", out], "the text has no tokens to render"),
+    ]:
+        assert main(["render", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("evav render: error: ") and message in err, (args, err)
+        assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o.png").exists()
 
 
 def test_installed_console_script_runs(tmp_path):

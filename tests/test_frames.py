@@ -220,3 +220,88 @@ def test_build_clip_layout_and_masks():
     assert pretrain.loss_mask.tolist() == [False, True, True, True]
     with pytest.raises(ValueError, match="expected"):
         build_clip(text, "t", np.zeros((1, 32, 32, 3), np.uint8))
+
+
+# ---- what the font cannot draw, silence, display matrices, the renderer version ------------
+
+
+def test_characters_the_font_lacks_are_drawn_as_their_code_points():
+    """Emoji (not in DejaVu Sans Mono), control and format characters each become a token of
+    their own drawn as ``U+XXXX``: distinct characters give distinct frames, never one shared
+    missing-glyph box; ASCII tokens are untouched."""
+    text = TextRenderer(RenderSpec())
+    assert text.tokenize("ok\U0001f600\U0001f601 a\u200db nul\x00") == [
+        "ok", "\U0001f600", "\U0001f601", "a", "\u200d", "b", "nul", "\x00"
+    ]  # fmt: skip
+    grin, beam = text.render_token("\U0001f600"), text.render_token("\U0001f601")
+    assert not np.array_equal(grin, beam)
+    assert np.array_equal(grin, text.render_token("U+1F600"))
+    box = text.uncached_render_token("\U0010fffd")  # a code point no font has
+    assert not np.array_equal(grin, box) and not np.array_equal(beam, box)
+    assert text.shown("caf\u00e9") == "caf\u00e9" and text.drawable("\u00e9")  # in the font
+    assert text.shown("\x00\ud800") == "U+0000U+D800"  # never handed to FreeType as text
+    assert text.tokenize("The cat, 42 times!") == ["The", "cat", ",", "42", "times", "!"]
+
+
+def test_font_coverage_matches_fonttools():
+    tt = pytest.importorskip("fontTools.ttLib")
+    from evav.frames.text import FontCoverage
+
+    path = RenderSpec().font_path
+    reference = set(tt.TTFont(str(path)).getBestCmap())
+    coverage = FontCoverage.of(path)
+    assert {c for c in range(0x30000) if c in coverage} == reference
+
+
+def test_a_file_that_is_not_a_font_is_refused_once(tmp_path):
+    bad = tmp_path / "font.ttf"
+    bad.write_bytes(b"not a font at all" * 10)
+    with pytest.raises(ValueError, match="not a font FreeType can load"):
+        TextRenderer(RenderSpec(font=str(bad)))
+
+
+def test_render_spec_hash_covers_the_renderer_version(monkeypatch):
+    import evav.frames.spec as spec_module
+
+    assert RenderSpec().identity()["renderer_version"] == spec_module.RENDERER_VERSION == 2
+    now = RenderSpec().hash
+    monkeypatch.setattr(spec_module, "RENDERER_VERSION", 1)
+    assert RenderSpec().hash != now
+
+
+def test_digital_silence_is_a_black_spectrogram():
+    from evav.frames.audio import log_mel
+
+    assert log_mel(np.zeros(4000, np.float32), AudioSpec()).max() == 0.0
+    with pytest.raises(ValueError, match="silent"):
+        render_audio(np.zeros(4000, np.float32), RenderSpec())
+
+
+@pytest.mark.parametrize(
+    "degrees, hflip, vflip, method",
+    [
+        (0, True, False, Image.Transpose.FLIP_LEFT_RIGHT),
+        (0, False, True, Image.Transpose.FLIP_TOP_BOTTOM),
+        (90, True, False, Image.Transpose.TRANSVERSE),
+        (0, False, False, None),
+    ],
+    ids=["hflip", "vflip", "rot90-hflip", "none"],
+)
+def test_mp4_display_matrix_flips_like_ffmpeg(tmp_path, degrees, hflip, vflip, method):
+    """ffmpeg's autorotate (fftools/ffmpeg_filter.c): a mirrored phone video is shown mirrored
+    back; the rotated one plus a flip is the anti-transpose."""
+    import av
+
+    rgb = test_image(32, 16)
+    path = tmp_path / "m.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=4)
+        s.width, s.height, s.pix_fmt, s.options = 32, 16, "yuv444p", {"qp": "0"}
+        s.set_display_rotation(degrees, hflip=hflip, vflip=vflip)
+        c.mux(s.encode(av.VideoFrame.from_ndarray(np.asarray(rgb), format="rgb24")))
+        c.mux(s.encode(None))
+    with av.open(str(path)) as c:
+        stored = Image.fromarray(next(c.decode(video=0)).to_ndarray(format="rgb24"))
+    want = stored if method is None else stored.transpose(method)
+    got = render_video(path, RenderSpec(), 1)
+    assert np.array_equal(got[0], np.asarray(want.resize((64, 64), Image.BICUBIC)))

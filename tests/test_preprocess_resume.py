@@ -71,6 +71,25 @@ def test_sigkilled_two_worker_build_resumes_to_identical_output(tmp_path):
     assert shard_bytes(out) == ref_shards
 
 
+def test_a_worker_killed_from_outside_stops_the_build_instead_of_hanging(tmp_path):
+    """The OOM killer (or a crash inside a C decoder) takes a worker and its shard: the build
+    says so and exits 2 (the Pool would wait for that shard forever); a rerun resumes."""
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    proc = run_cli(out, log, "--workers", "2", *SYNTH)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / ".build").glob("*/shard-*.json")):
+        time.sleep(0.01)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert children, "no worker processes found"
+    os.kill(int(children[0]), signal.SIGKILL)
+    assert proc.wait(timeout=120) == 2, log.read_text()
+    assert "a worker process died while building" in log.read_text()
+    assert not (out / "manifest.json").exists()
+    rerun = run_cli(out, log, "--workers", "2", *SYNTH)
+    assert rerun.wait(timeout=300) == 0, log.read_text()
+    assert load_manifest(out).num_samples == 600
+
+
 def synthetic(out: Path, *extra: str) -> int:
     args = ["train_per_task=6", "val_per_task=2", "--shard-samples", "7", *extra]
     return main(["preprocess", "synthetic", "--out", str(out), *args])
@@ -129,11 +148,38 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
     "bad, message",
     [
         (["--part", "2", "--num-parts", "2"], "--part must be in 0..1"),
-        (["--workers", "0"], "--workers must be >= 1"),
+        (["--part", "-1"], "--part must be in 0..0, got -1"),
+        (["--num-parts", "0"], "--num-parts must be >= 1, got 0"),
+        (["--workers", "0"], "--workers must be between 1 and 1024, got 0"),
+        (["--workers", "-2"], "--workers must be between 1 and 1024, got -2"),
+        (["--workers", "100000"], "--workers must be between 1 and 1024, got 100000"),
+        (["--shard-mb", "-5"], "--shard-mb must be a number in (0, 1e+06], got -5.0"),
+        (["--shard-mb", "0"], "--shard-mb must be a number in (0, 1e+06], got 0.0"),
+        (["--shard-mb", "nan"], "--shard-mb must be a number in (0, 1e+06], got nan"),
+        (["--shard-mb", "inf"], "--shard-mb must be a number in (0, 1e+06], got inf"),
+        (["--shard-mb", "1e999"], "--shard-mb must be a number in (0, 1e+06], got inf"),
+        (["--shard-samples", "0"], "--shard-samples must be >= 1, got 0"),
+        (["--shard-samples", "-7"], "--shard-samples must be >= 1, got -7"),
+        (["--limit", "-1"], "--limit must be >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["train_per_task=-1"], "train_per_task must be in 0..10000000, got -1"),
+        (["render.font_scale=nan"], "font_scale must be in (0, 100], got nan"),
+        (["render.audio.n_mels=0"], "audio.n_mels must be between 1 and 4096, got 0"),
         (["nosuchoption=1"], "unknown config key 'synthetic.nosuchoption'"),
         (["--codec", "bogus"], "expected a preset"),
     ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_bad_arguments_are_clear_errors(tmp_path, capsys, bad, message):
+    """Every numeric option is checked (finite, in range) before any work, naming the option."""
     assert main(["preprocess", "synthetic", "--out", str(tmp_path), *bad]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / ".build").exists()  # refused before any work
+
+
+def test_slurm_environment_that_is_not_a_number_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "three")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert main(["preprocess", "synthetic", "--out", str(tmp_path)]) == 2
+    assert "SLURM_ARRAY_TASK_COUNT='three' is not an integer" in capsys.readouterr().err

@@ -6,6 +6,14 @@ spectrograms on the same frequency axis. The power mel spectrogram is turned to 
 ``top_db`` below the clip's peak is mapped to 0..255 (louder = brighter), low frequencies at the
 bottom, and resized to H x W: the whole clip as one frame (the paper), or one frame per
 ``window_s`` seconds (long audio). Grey, repeated over the 3 channels.
+
+Samples that cannot be audio are refused (BadInputError), never drawn as a misleading picture
+(preprocessing/README.md has the table): any NaN or inf; a peak above ``MAX_AMPLITUDE`` (full
+scale is 1.0; integer PCM never exceeds it, lossy decoders overshoot by a few dB, so a float file
+at 1e30 is corrupt or mis-scaled data, and clipping it would invent a square wave); a peak below
+``SILENCE_PEAK`` (-80 dBFS, 3 steps of 16-bit PCM: nothing but dither, which the per-clip
+normalisation would otherwise stretch to full brightness); and more than ``MAX_AUDIO_SECONDS``
+(a few bytes of compressed silence can decode to hours of samples).
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ import torch.nn.functional as F
 
 from evav.errors import BadInputError, check_nonempty_file
 from evav.frames.spec import AudioSpec, RenderSpec
+
+MAX_AMPLITUDE = 16.0  # |sample| above this (24 dB over full scale) is refused
+SILENCE_PEAK = 1e-4  # a peak below this (-80 dBFS) is silence, refused
+MAX_AUDIO_SECONDS = 1200.0  # longer files are refused before (or while) decoding
 
 
 def _check_riff_complete(path: Path) -> None:
@@ -54,17 +66,23 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     """Decode an audio file to mono float32 at ``sample_rate``; BadInputError on bad files."""
     path = check_nonempty_file(path)
     _check_riff_complete(path)
-    chunks = []
+    chunks, n = [], 0
+    too_long = BadInputError(path, f"longer than {MAX_AUDIO_SECONDS:g} s: refused (cut it)")
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
                 raise BadInputError(path, "no audio stream")
             stream = container.streams.audio[0]
             declared = _declared_seconds(container, stream)
+            if declared is not None and declared > MAX_AUDIO_SECONDS:
+                raise too_long
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
             for frame in container.decode(stream):
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray().reshape(-1))
+                    n += chunks[-1].size
+                if n > MAX_AUDIO_SECONDS * sample_rate:  # the header lied, or there is none
+                    raise too_long
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray().reshape(-1))
     except BadInputError:
@@ -79,7 +97,28 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
         raise BadInputError(
             path, f"truncated: header declares {declared:.3f} s, only {got:.3f} s decoded"
         )
+    check_samples(samples, path)
     return samples
+
+
+def check_samples(samples: np.ndarray, where: str | Path) -> None:
+    """BadInputError unless mono samples are finite, at most MAX_AMPLITUDE and not silent."""
+    if samples.ndim != 1 or samples.size == 0:
+        raise BadInputError(where, f"expected non-empty mono samples, got shape {samples.shape}")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = int(samples.size - np.count_nonzero(finite))
+        raise BadInputError(where, f"{bad} of {samples.size} samples are not finite (NaN or inf)")
+    peak = float(np.abs(samples).max())
+    if peak > MAX_AMPLITUDE:
+        raise BadInputError(
+            where,
+            f"absurd amplitude: peak {peak:.3g}, more than {MAX_AMPLITUDE:g} (full scale is 1.0)",
+        )
+    if peak < SILENCE_PEAK:
+        raise BadInputError(
+            where, f"silent: peak amplitude {peak:.3g} is below {SILENCE_PEAK:g} (-80 dBFS)"
+        )
 
 
 def _declared_seconds(container, stream) -> float | None:
@@ -130,6 +169,8 @@ def log_mel(samples: np.ndarray, a: AudioSpec) -> np.ndarray:
     )
     f_max = a.f_max if a.f_max is not None else a.sample_rate / 2
     mel = mel_filterbank(a.sample_rate, a.n_fft, a.n_mels, a.f_min, f_max) @ spec
+    if not bool(mel.max() > 1e-10):  # digital silence: nothing to show, black (not white)
+        return np.zeros(mel.shape, np.float32)
     db = 10.0 * torch.log10(mel.clamp_min(1e-10))
     floor = db.max() - a.top_db
     img = (db.clamp_min(floor) - floor) / a.top_db
@@ -158,6 +199,8 @@ def spectrogram_frames(samples: np.ndarray, spec: RenderSpec) -> np.ndarray:
 
 def render_audio(audio: str | Path | np.ndarray, spec: RenderSpec) -> np.ndarray:
     """An audio file (or mono samples at ``spec.audio.sample_rate``) -> ``(T, H, W, 3)`` uint8."""
-    if not isinstance(audio, np.ndarray):
+    if isinstance(audio, np.ndarray):
+        check_samples(audio, "audio samples")
+    else:
         audio = load_audio(audio, spec.audio.sample_rate)
     return spectrogram_frames(audio, spec)

@@ -9,11 +9,12 @@ evav tokenizer train --input corpus.txt --out tok.model --vocab-size 8000
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
-from evav.config import load_config
-from evav.errors import BadInputError
+from evav.config import ConfigError, load_config
+from evav.errors import BadInputError, describe_error
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".aiff", ".aif"}
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".flv"}
@@ -34,6 +35,10 @@ def guess_kind(path: Path) -> str:
 
 
 def add_render_arguments(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Exit status: 0, or 2 with one line `evav render: error: PATH: reason` on stderr for a "
+        "bad option or input file."
+    )
     p.add_argument("file", nargs="?", metavar="FILE", help="an image, audio or video file")
     p.add_argument(
         "overrides",
@@ -50,6 +55,20 @@ def add_render_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def render_main(args: argparse.Namespace) -> int:
+    """Render one input; any bad option or input file is one line on stderr and exit code 2:
+    ``evav render: error: PATH: reason`` (never a traceback)."""
+    try:
+        return _render(args)
+    except _RenderError as e:
+        print(f"evav render: error: {e}", file=sys.stderr)
+        return 2
+
+
+class _RenderError(Exception):
+    """A bad option or input, already worded for the user."""
+
+
+def _render(args: argparse.Namespace) -> int:
     import numpy as np
 
     from evav.frames import (
@@ -60,33 +79,50 @@ def render_main(args: argparse.Namespace) -> int:
         render_video,
         save_clip,
     )
+    from evav.frames.video import MAX_FRAMES
 
     overrides = list(args.overrides)
-    if args.file and "=" in args.file:  # `evav render --text T height=128`
+    if args.file and "=" in args.file and not Path(args.file).exists():  # `--text T height=128`
         overrides.insert(0, args.file)
         args.file = None
     if bool(args.text) == bool(args.file):
-        raise SystemExit("evav render: give exactly one of --text TEXT or one FILE")
+        raise _RenderError("give exactly one of --text TEXT or one FILE")
     if Path(args.out).suffix.lower() not in (".png", ".gif", ".mp4"):
-        raise SystemExit(f"evav render: --out {args.out}: must end in .png, .gif or .mp4")
-    spec = load_config(RenderSpec, args.config, overrides)
-    text = TextRenderer(spec)
+        raise _RenderError(f"--out {args.out}: must end in .png, .gif or .mp4")
+    if not 1 <= args.frames <= MAX_FRAMES:
+        raise _RenderError(f"--frames must be between 1 and {MAX_FRAMES}, got {args.frames}")
+    try:
+        spec = load_config(RenderSpec, args.config, overrides)
+        text = TextRenderer(spec)
+    except (ConfigError, ValueError, OSError) as e:
+        raise _RenderError(str(e)) from None
     if args.text:
-        frames = text.render_text(args.text)
+        try:
+            frames = text.render_text(args.text)
+        except Exception as e:  # never expected: every character has a drawing (text.py)
+            raise _RenderError(f"--text: {describe_error(e)}") from None
         if len(frames) == 0:
-            raise SystemExit("evav render: the text has no tokens to render")
+            raise _RenderError("the text has no tokens to render")
     else:
         path = Path(args.file)
-        kind = args.kind or guess_kind(path)
-        if kind == "image":
-            frames = render_image(path, spec)
-        elif kind == "audio":
-            frames = render_audio(path, spec)
-        else:
-            frames = render_video(path, spec, args.frames)
+        try:
+            kind = args.kind or guess_kind(path)
+            if kind == "image":
+                frames = render_image(path, spec)
+            elif kind == "audio":
+                frames = render_audio(path, spec)
+            else:
+                frames = render_video(path, spec, args.frames)
+        except BadInputError as e:
+            raise _RenderError(str(e)) from None
+        except Exception as e:  # a decoder's own error on a hostile file: name the file
+            raise _RenderError(f"{path}: {describe_error(e)}") from None
     if args.task:
         frames = np.concatenate([text.task_frame(args.task)[None], frames])
-    out = save_clip(frames, args.out)
+    try:
+        out = save_clip(frames, args.out)
+    except (OSError, ValueError) as e:
+        raise _RenderError(f"--out {args.out}: cannot write: {describe_error(e)}") from None
     print(f"{out}: {len(frames)} frames of {spec.height}x{spec.width} (render hash {spec.hash})")
     return 0
 

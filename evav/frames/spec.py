@@ -3,6 +3,7 @@
 The hash travels with every shard, checkpoint and evaluation result, so a model is never fed
 frames rendered differently from those it was trained on. It covers the *content* of the font
 and tokenizer files (not their paths), so moving a file keeps the hash and editing it changes it.
+It also covers ``RENDERER_VERSION``, bumped whenever the same input and fields give other pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Literal
 
 BUNDLED_FONT = Path(__file__).with_name("fonts") / "DejaVuSansMono.ttf"
+# 2: characters the font lacks drawn as code points; EXIF orientation, 16-bit greyscale,
+# transparency over black; mp4 display matrices applied; silence drawn black.
+RENDERER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -31,15 +35,28 @@ class AudioSpec:
     window_s: float | None = None  # None: whole clip -> one frame (paper); else seconds per frame
 
     def __post_init__(self):
-        if self.sample_rate <= 0 or self.n_fft <= 0 or self.hop_length <= 0 or self.n_mels <= 0:
-            raise ValueError("audio: sample_rate, n_fft, hop_length and n_mels must be positive")
+        for name, hi in (
+            ("sample_rate", 384_000),
+            ("n_fft", 65_536),
+            ("hop_length", 65_536),
+            ("n_mels", 4096),
+        ):
+            if not 1 <= getattr(self, name) <= hi:
+                raise ValueError(
+                    f"audio.{name} must be between 1 and {hi}, got {getattr(self, name)}"
+                )
         f_max = self.f_max if self.f_max is not None else self.sample_rate / 2
-        if not 0 <= self.f_min < f_max <= self.sample_rate / 2:
+        if not 0 <= self.f_min < f_max <= self.sample_rate / 2:  # False for NaN too
             raise ValueError(
                 f"audio: need 0 <= f_min < f_max <= sample_rate/2, got {self.f_min}, {f_max}"
             )
-        if self.window_s is not None and self.window_s <= 0:
-            raise ValueError("audio.window_s must be positive (or null for one frame per clip)")
+        if not 0 < self.top_db <= 200:
+            raise ValueError(f"audio.top_db must be in (0, 200] dB, got {self.top_db}")
+        if self.window_s is not None and not 0 < self.window_s <= 3600:
+            raise ValueError(
+                f"audio.window_s must be in (0, 3600] s (or null for one frame per clip), "
+                f"got {self.window_s}"
+            )
 
 
 @dataclass(frozen=True)
@@ -60,8 +77,12 @@ class RenderSpec:
             raise ValueError(
                 f"frame size must be between 8 and 1024 pixels, got {self.height}x{self.width}"
             )
-        if self.max_token_chars < 1:
-            raise ValueError("max_token_chars must be >= 1")
+        if not 1 <= self.max_token_chars <= 1024:
+            raise ValueError(
+                f"max_token_chars must be between 1 and 1024, got {self.max_token_chars}"
+            )
+        if not 0 < self.font_scale <= 100:  # False for NaN too
+            raise ValueError(f"font_scale must be in (0, 100], got {self.font_scale}")
         if self.font is not None and not Path(self.font).is_file():
             raise ValueError(f"font file {self.font}: not found")
         if self.tokenizer is not None and not Path(self.tokenizer).is_file():
@@ -78,6 +99,7 @@ class RenderSpec:
         d = to_dict(self)
         d["font"] = file_sha256(self.font_path)
         d["tokenizer"] = file_sha256(self.tokenizer) if self.tokenizer else None
+        d["renderer_version"] = RENDERER_VERSION
         return d
 
     @functools.cached_property

@@ -14,10 +14,10 @@ import re
 from dataclasses import dataclass, field
 
 from evav.errors import BadInputError
-from preprocessing.builders.base import Builder, Example, Item
+from preprocessing.builders.base import Builder, Example, Item, read_lines
 from preprocessing.builders.fsdd import digit_example
 
-NAME = re.compile(r"^(\d+)_(\d+)_(\d+)$")
+NAME = re.compile(r"^([0-9]+)_([0-9]+)_([0-9]+)$")
 SPLIT_FILES = {"train": "train.txt", "val": "valid.txt", "test": "test.txt"}
 
 
@@ -47,15 +47,15 @@ class AudioMnistBuilder(Builder):
         if all((self.src / f).is_file() for f in SPLIT_FILES.values()):
             listed = {}
             for split, f in SPLIT_FILES.items():
-                for line in (self.src / f).read_text().split():
-                    listed[str(self.src / line.strip())] = split
+                for line in read_lines(self.src / f):  # only compared with the files found
+                    listed[str(self.src / line)] = split
             for w in wavs:
                 if str(w) in listed:
                     out[listed[str(w)]].append(Item(str(w)))
             return out
         val, test = set(self.options.valid_speakers), set(self.options.test_speakers)
         for w in wavs:
-            spk = int(w.parent.name) if w.parent.name.isdigit() else -1
+            spk = int(w.parent.name) if re.fullmatch("[0-9]+", w.parent.name) else -1
             split = "val" if spk in val else "test" if spk in test else "train"
             out[split].append(Item(str(w)))
         return out

@@ -16,12 +16,24 @@ everything else: splitting work over workers and machines, rendering the clip
 ``list_items`` must be cheap (no decoding) and deterministic: the same source gives the same
 items in the same order, in every process. ``example`` must be a pure function of the item,
 the options, the RenderSpec and the seed (draw randomness from ``self.rng(...)``).
+
+Reading raw files is done one way in every builder (the helpers below): text is split on
+line feeds only (CR LF tolerated), never ``str.splitlines`` (which also splits on U+2028,
+form feeds and more, shifting every later FILE:LINE); TSV and CSV go through the ``csv``
+module (quoting, embedded delimiters and newlines), with each record's first line as its
+LINE; a file, record or line that cannot be read is the input's problem, never the build's.
+A name read from the data (an annotation's video path) becomes a path only through
+``relative_path``, which refuses absolute paths and ``..``.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
@@ -98,3 +110,86 @@ class Builder:
 
     def words(self, text: str) -> np.ndarray:
         return self.text.render_text(text)
+
+
+# -- reading raw files ---------------------------------------------------------------------------
+def check_num_frames(n: int, lo: int = 1, name: str = "num_frames") -> None:
+    """Options: a frame count in ``lo..MAX_FRAMES`` (checked before work, not per input)."""
+    from evav.frames.video import MAX_FRAMES
+
+    if not lo <= n <= MAX_FRAMES:
+        raise ValueError(f"{name} must be between {lo} and {MAX_FRAMES}, got {n}")
+
+
+def file_identity(path: str | Path) -> tuple[int, int]:
+    """(size, mtime) of a file, to key a cache of its parsed content (-1s if it cannot be
+    stat'ed: the reader then reports the problem)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+def load_json(path: Path) -> Any:
+    """A layout file's JSON (an annotation or question file); ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: a hostile file nests thousands of brackets deep
+        raise ValueError(f"{path}: not a readable JSON file ({type(e).__name__}: {e})") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """A small list file (split names, sequence lists): its lines, split on line feeds only,
+    stripped, empty ones dropped; ValueError naming the file and line if it is not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable ({e.strerror or e})") from None
+    lines = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 ({e})") from None
+        if text:
+            lines.append(text)
+    return lines
+
+
+def read_table(path: Path, delimiter: str) -> Iterator[tuple[int, list[str] | None, str]]:
+    """Rows of a TSV/CSV file by the csv module's rules: ``(line, fields, "")`` for a record
+    starting on ``line`` (lines count line feeds), or ``(line, None, reason)`` for one that
+    cannot be read (invalid UTF-8, a csv error such as a stray carriage return or a field over
+    the csv module's size limit). OSError if the file cannot be opened."""
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="\n") as f:
+        reader = csv.reader(f, delimiter=delimiter, quotechar='"', doublequote=True, strict=False)
+        done = 0
+        while True:
+            start = done + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                done = reader.line_num
+                yield start, None, f"unreadable row: {e}"
+                continue
+            done = reader.line_num
+            bad = next((c for c in "".join(row) if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:  # surrogateescape marks each byte that is not UTF-8
+                yield start, None, f"invalid UTF-8 (byte 0x{ord(bad) - 0xDC00:02x})"
+            else:
+                yield start, row, ""
+
+
+def relative_path(root: Path, name: object) -> Path | None:
+    """``root / name`` for a name read from the data, or None unless it is a plain relative
+    path inside ``root`` (no absolute path, no ``..``, no NUL)."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        return None
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts:
+        return None
+    return root / p

@@ -14,7 +14,7 @@ from evav.frames import render_audio
 from preprocessing.builders.base import Builder, Example, Item, NoOptions
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-NAME = re.compile(r"^(\d+)_([A-Za-z]+)_(\d+)$")
+NAME = re.compile(r"^([0-9]+)_([A-Za-z]+)_([0-9]+)$")
 
 
 def digit_example(builder: Builder, task: str, path: str, digit: int, extra: dict) -> Example:

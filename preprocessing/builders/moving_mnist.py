@@ -5,21 +5,28 @@ split that has its file is built: train from ``train-images``, test from ``t10k-
 Sequence ``i`` of a split bounces ``digits`` random digits of that split around the frame
 (Srivastava et al. 2015: 28x28 digits on a 64x64 canvas, scaled with the frame), drawn from
 ``rng(split, i)``; the first ``input_frames`` are the input, the next ``output_frames`` the
-answer.
+answer. An idx file that is not one (magic number, sizes, length), or a gzip file that does not
+decompress, stops the build before any work: it is the layout, not one input. The file is read
+only as far as its header says (at most ``MAX_IDX_BYTES``), so a gzip bomb cannot fill memory.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from preprocessing.builders.base import Builder, Example, Item
+from preprocessing.builders.base import Builder, Example, Item, check_num_frames, file_identity
 
 FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+
+MAX_IDX_BYTES = 2**31  # MNIST's training images are 47 MB; EMNIST's largest 700 MB
+MAX_SEQUENCES = 10_000_000
 
 
 @dataclass
@@ -30,20 +37,43 @@ class MovingMnistOptions:
     input_frames: int = 4
     output_frames: int = 4
 
+    def __post_init__(self):
+        for name in ("train_sequences", "test_sequences"):
+            if not 0 <= getattr(self, name) <= MAX_SEQUENCES:
+                raise ValueError(f"{name} must be in 0..{MAX_SEQUENCES}, got {getattr(self, name)}")
+        if not 1 <= self.digits <= 64:
+            raise ValueError(f"digits must be in 1..64, got {self.digits}")
+        check_num_frames(self.input_frames, name="input_frames")
+        check_num_frames(self.output_frames, name="output_frames")
 
-@functools.lru_cache(maxsize=2)
+
 def load_idx_images(path: str) -> np.ndarray:
-    """An idx3 image file (optionally gzipped) -> ``(N, rows, cols)`` uint8."""
+    """An idx3 image file (optionally gzipped) -> ``(N, rows, cols)`` uint8; ValueError (a
+    layout error) naming the file if it is not one."""
+    return _load_idx_images(path, *file_identity(path))
+
+
+@functools.lru_cache(maxsize=2)  # keyed by size and mtime too: a rewritten file is read again
+def _load_idx_images(path: str, size_: int, mtime_ns: int) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable idx file ({e})") from None
-    magic, n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in range(0, 16, 4))
-    if magic != 2051 or len(raw) != 16 + n * rows * cols:
-        raise ValueError(f"{path}: not an idx3 image file (magic {magic}, {len(raw)} bytes)")
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows, cols)
+            head = f.read(16)
+            magic, n, rows, cols = (int.from_bytes(head[i : i + 4], "big") for i in range(0, 16, 4))
+            size = n * rows * cols
+            if len(head) < 16 or magic != 2051 or rows == 0 or cols == 0 or size > MAX_IDX_BYTES:
+                raise ValueError(
+                    f"{path}: not an idx3 image file (magic {magic}, {n}x{rows}x{cols})"
+                )
+            body = f.read(size + 1)  # one byte more: a longer file is not this idx file either
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: unreadable idx file ({type(e).__name__}: {e})") from None
+    if len(body) != size:
+        raise ValueError(
+            f"{path}: not an idx3 image file (magic {magic}, {16 + len(body)} bytes, "
+            f"header says {16 + size})"
+        )
+    return np.frombuffer(body, np.uint8).reshape(n, rows, cols)
 
 
 class MovingMnistBuilder(Builder):

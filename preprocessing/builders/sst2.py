@@ -2,8 +2,11 @@
 
 Official layout: ``SST-2/{train,dev}.tsv`` (header ``sentence<TAB>label``, label 0 = negative,
 1 = positive; ``test.tsv`` has no labels and is skipped). Splits: train, val (= dev).
-A row without exactly two fields or with a label other than 0/1 is quarantined as
-``FILE:LINE``. ``balance=true`` orders the train split's rows negative, positive, negative, ...
+The files are read with the csv module's rules (``"``-quoted fields may hold tabs and newlines;
+rows end at a line feed, so U+2028 or a form feed stays inside its sentence). A row without exactly
+two fields, with a label other than 0/1, with no words, or that cannot be read (invalid UTF-8,
+a csv error) is quarantined as ``FILE:LINE`` (the row's first line).
+``balance=true`` orders the train split's rows negative, positive, negative, ...
 (each label in file order) and drops what is left of the commoner label, so that the training
 clips, and any ``--limit`` of them, are half of each; the majority word (56% of SST-2's training
 rows are positive) is then not the best guess of a model that cannot read the sentences yet.
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from evav.errors import BadInputError
-from preprocessing.builders.base import Builder, Example, Item
+from preprocessing.builders.base import Builder, Example, Item, read_table
 
 LABELS = ["negative", "positive"]
 FILES = {"train": "train.tsv", "val": "dev.tsv"}
@@ -24,6 +27,10 @@ FILES = {"train": "train.tsv", "val": "dev.tsv"}
 class Sst2Options:
     max_words: int = 64  # longer sentences keep their first max_words tokens
     balance: bool = False  # train split: negative and positive rows alternately, half of each
+
+    def __post_init__(self):
+        if self.max_words < 1:
+            raise ValueError(f"max_words must be >= 1, got {self.max_words}")
 
 
 class Sst2Builder(Builder):
@@ -35,18 +42,22 @@ class Sst2Builder(Builder):
         self.expect(bool(found), "expected GLUE SST-2 files train.tsv and/or dev.tsv")
         out = {}
         for split, path in found.items():
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            rows = read_table(path, "\t")
+            header = next(rows, (1, None, ""))[1]
             self.expect(
-                bool(lines) and lines[0].split("\t")[:2] == ["sentence", "label"],
+                header is not None and header[:2] == ["sentence", "label"],
                 f"{path.name}: expected the header 'sentence<TAB>label'",
             )
-            out[split] = [Item(f"{path}:{n}", line) for n, line in enumerate(lines[1:], start=2)]
+            # data: the row's fields, or None and why it cannot be read
+            out[split] = [Item(f"{path}:{n}", (row, why)) for n, row, why in rows]
         if self.options.balance and "train" in out:
             out["train"] = balanced(out["train"])
         return out
 
     def example(self, item: Item) -> Example:
-        fields = item.data.split("\t")
+        fields, why = item.data
+        if fields is None:
+            raise BadInputError(item.source, why)
         if len(fields) != 2:
             raise BadInputError(
                 item.source, f"broken row: {len(fields)} tab-separated fields, expected 2"
@@ -75,7 +86,9 @@ def balanced(items: list[Item]) -> list[Item]:
     by_label: dict[str, list[Item]] = {"0": [], "1": []}
     unreadable = []
     for it in items:
-        by_label.get(it.data.rsplit("\t", 1)[-1].strip(), unreadable).append(it)
+        fields = it.data[0]
+        label = fields[1].strip() if fields is not None and len(fields) == 2 else None
+        by_label.get(label, unreadable).append(it)
     pairs = zip(by_label["0"], by_label["1"])
     return unreadable + [it for pair in pairs for it in pair]
 

@@ -30,6 +30,7 @@ PITCHES = {"low": 300.0, "mid": 600.0, "high": 1200.0, "top": 2400.0}
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 COLOURS = [(255, 64, 64), (64, 255, 64), (64, 128, 255), (255, 255, 64), (255, 255, 255)]
 TASKS = ["count", "pitch", "add", "next", "direction"]
+MAX_PER_TASK = 10_000_000  # inputs are listed up front: a typo must not fill memory
 
 
 @dataclass
@@ -42,6 +43,9 @@ class SyntheticOptions:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if unknown or not self.tasks:
             raise ValueError(f"tasks: unknown {unknown}; choose from {TASKS}")
+        for name in ("train_per_task", "val_per_task"):
+            if not 0 <= getattr(self, name) <= MAX_PER_TASK:
+                raise ValueError(f"{name} must be in 0..{MAX_PER_TASK}, got {getattr(self, name)}")
 
 
 class SyntheticBuilder(Builder):

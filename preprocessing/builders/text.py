@@ -4,8 +4,11 @@
 object per line with a ``text`` field; ``field=NAME`` to change), or a folder of such files
 named by split (``train``, ``val``/``valid``/``validation``/``dev``, ``test``; other names go
 to train). Each document is tokenized and cut into clips of ``clip_tokens`` token frames;
-clip ``w`` of line ``n`` of ``FILE`` has source ``FILE:n:w``. A line that is not JSON, or lacks
-the field, is quarantined.
+clip ``w`` of line ``n`` of ``FILE`` has source ``FILE:n:w``. Lines end at a line feed only (CR
+LF tolerated; U+2028 or a form feed inside a line is whitespace of that line, never a line
+break). A line that is not UTF-8, not JSON (a ``.jsonl`` line nested too deep to parse
+included), not an object or lacks a string field is quarantined as ``FILE:n``, as is a ``.txt``
+or ``.jsonl`` entry that is not a readable regular file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from evav.errors import BadInputError
+from evav.errors import BadInputError, check_nonempty_file, describe_error
 from preprocessing.builders.base import Builder, Example, Item
 
 SPLITS = {
@@ -36,6 +39,8 @@ class TextOptions:
     def __post_init__(self):
         if self.clip_tokens < 1:
             raise ValueError("clip_tokens must be >= 1")
+        if not self.field:
+            raise ValueError("field must name the jsonl field holding the text")
 
 
 class TextBuilder(Builder):
@@ -58,22 +63,30 @@ class TextBuilder(Builder):
         return out
 
     def _items(self, path: Path) -> list[Item]:
+        try:  # a directory or FIFO named like a corpus file; an unreadable one
+            check_nonempty_file(path)
+        except BadInputError as e:
+            if e.reason.startswith("empty file"):
+                return []  # no documents
+            return [Item(str(path), ("bad", e.reason))]
         items = []
         k = self.options.clip_tokens
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, start=1):
+        with open(path, "rb") as f:  # binary: lines end at b"\n" only
+            for n, raw in enumerate(f, start=1):
+                source = f"{path}:{n}"
+                try:
+                    line = raw.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8")
+                except UnicodeDecodeError as e:
+                    items.append(
+                        Item(source, ("bad", f"invalid UTF-8: {e.reason} at byte {e.start}"))
+                    )
+                    continue
                 if not line.strip():
                     continue
-                source = f"{path}:{n}"
                 if path.suffix == ".jsonl":
-                    try:
-                        text = json.loads(line)[self.options.field]
-                        if not isinstance(text, str):
-                            raise TypeError(f"field {self.options.field!r} is not a string")
-                    except (json.JSONDecodeError, KeyError, TypeError) as e:
-                        items.append(
-                            Item(source, ("bad", f"not a JSON object with a text field: {e}"))
-                        )
+                    text, why = self._field(line)
+                    if text is None:
+                        items.append(Item(source, ("bad", why)))
                         continue
                 else:
                     text = line
@@ -81,6 +94,21 @@ class TextBuilder(Builder):
                 for w in range(0, len(tokens), k):
                     items.append(Item(f"{source}:{w // k}", ("ok", tuple(tokens[w : w + k]))))
         return items
+
+    def _field(self, line: str) -> tuple[str | None, str]:
+        """A jsonl line's text field, or None and why not."""
+        name = self.options.field
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError) as e:  # RecursionError: nested thousands deep
+            return None, f"not a JSON object with a text field: {describe_error(e)}"
+        if not isinstance(obj, dict):
+            return None, f"not a JSON object with a text field: a JSON {type(obj).__name__}"
+        if name not in obj:
+            return None, f"not a JSON object with a text field: no field {name!r}"
+        if not isinstance(obj[name], str):
+            return None, f"not a JSON object with a text field: field {name!r} is not a string"
+        return obj[name], ""
 
     def example(self, item: Item) -> Example:
         kind, value = item.data

@@ -8,13 +8,13 @@ Official layout: ``tiny_{train,test}.json`` (or ``tiny_{split}_v2.json``) listin
   sorted, lower-cased, separated by spaces).
 - ``task=colorize``: the frames in grey -> the same frames in colour.
 
-A tube without a non-empty list of string labels (mislabelled) or with an unreadable video is
-quarantined.
+A tube without a non-empty list of string labels (mislabelled), with an unreadable video, or
+whose ``path`` is not a plain relative path inside ``videos/{split}/`` (absolute, with ``..``,
+not a string: a name from the data never reaches outside the dataset) is quarantined.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,13 +22,23 @@ import numpy as np
 
 from evav.errors import BadInputError
 from evav.frames import render_video
-from preprocessing.builders.base import Builder, Example, Item
+from preprocessing.builders.base import (
+    Builder,
+    Example,
+    Item,
+    check_num_frames,
+    load_json,
+    relative_path,
+)
 
 
 @dataclass
 class TinyViratOptions:
     task: Literal["action", "colorize"] = "action"
     num_frames: int = 8
+
+    def __post_init__(self):
+        check_num_frames(self.num_frames)
 
 
 class TinyViratBuilder(Builder):
@@ -51,20 +61,28 @@ class TinyViratBuilder(Builder):
         return out
 
     def _items(self, path, split: str) -> list[Item]:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not readable JSON ({e})") from None
+        data = load_json(path)
         tubes = data.get("tubes") if isinstance(data, dict) else data
         self.expect(
-            isinstance(tubes, list) and all(isinstance(t, dict) and "path" in t for t in tubes),
+            isinstance(tubes, list),
             f"{path.name}: expected a list of tubes with 'path' and 'label'",
         )
         videos = self.src / "videos" / split
-        return [Item(str(videos / t["path"]), t.get("label")) for t in tubes]
+        items = []
+        for n, t in enumerate(tubes):
+            video = relative_path(videos, t.get("path")) if isinstance(t, dict) else None
+            if video is None:
+                what = repr(t.get("path"))[:200] if isinstance(t, dict) else "not an object"
+                why = f"tube path {what} is not a relative path inside videos/{split}/"
+                items.append(Item(f"{path}:{n}", ("bad", why)))
+            else:
+                items.append(Item(str(video), ("ok", t.get("label"))))
+        return items
 
     def example(self, item: Item) -> Example:
-        labels = item.data
+        kind, labels = item.data
+        if kind == "bad":
+            raise BadInputError(item.source, labels)
         if (
             not isinstance(labels, list)
             or not labels
