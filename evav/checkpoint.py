@@ -3,9 +3,11 @@
 A checkpoint directory holds
 
     engine/            DeepSpeed's shards (model, optimizer, scheduler), written by every rank
-    train_state.pt     step, samples and frames seen, every rank's loader state and RNG states
-                       (tensors, lists and numbers only), the MLflow run id, the RenderSpec hash
-    config.yaml        the resolved config
+    train_state.pt     evav.resume.TrainState as plain data (tensors, lists, dicts, numbers and
+                       strings only): step, samples and frames seen, skipped steps, every rank's
+                       loader state and RNG states, the MLflow run id, the RenderSpec hash, the
+                       data identity and the resolved config (redacted) for the resume contract
+    config.yaml        the resolved config (for people; resume compares the train state's)
     zero_to_*.py       DeepSpeed's recovery scripts (ZeRO stages 1-3; never run by evav)
     COMPLETE           the commit marker (JSON): step, time, world size and every other file of
                        the directory with its size and sha256; written atomically, last
@@ -27,7 +29,10 @@ verdict. A checkpoint that fails is reported (the file and the reason), set asid
 ``step_N.bad-REASON-TIME`` by rank 0, never deleted) and the previous one is tried. When none is
 left but some were set aside, resume refuses (CheckpointError) instead of quietly starting the
 run again from step 0 (days of training lost unnoticed); moving the ``.bad-`` directories out of
-``checkpoints/`` starts it afresh. A marker without a file list (written by evav before
+``checkpoints/`` starts it afresh. ``find_resume`` does all of that without an engine (the
+train state is checked as a ``TrainState`` too: a malformed one fails like an unreadable file),
+so the resume contract (evav/resume.py) is checked before the engine is built; ``load_engine``
+then loads the engine files. A marker without a file list (written by evav before
 checkpoints verified themselves) is loaded with a warning that it is unverified: refusing would
 strand every run in flight at the upgrade, and loading it runs no code either.
 
@@ -67,6 +72,7 @@ import torch
 from evav import distributed as dist
 from evav import faults
 from evav.errors import BadInputError, describe_error
+from evav.resume import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +467,7 @@ def save(
     engine,
     run_dir: str | Path,
     step: int,
-    state: dict[str, Any],
+    state: TrainState,
     config_yaml: str,
     denv: dist.DistEnv,
     keep_last: int = 2,
@@ -482,7 +488,7 @@ def save(
     dist.save_engine(engine, path, ENGINE)
     dist.barrier()
     if denv.is_main:
-        _atomic_torch_save(state, path / TRAIN_STATE)
+        _atomic_torch_save(state.to_dict(), path / TRAIN_STATE)  # plain data: weights_only
         _atomic_write(path / "config.yaml", config_yaml)
     faults.kill_in_save(step)
     dist.barrier()
@@ -553,12 +559,28 @@ def _set_aside(path: Path, v: Verdict) -> Path:
 # -- resume ----------------------------------------------------------------------------------
 
 
-def resume(engine, run_dir: str | Path, denv: dist.DistEnv) -> tuple[Path | None, dict | None]:
+def resume(
+    engine, run_dir: str | Path, denv: dist.DistEnv
+) -> tuple[Path | None, TrainState | None]:
     """Load the newest checkpoint that verifies into ``engine``; (path, train state), or
-    (None, None) for a run without checkpoints. Every rank calls this.
+    (None, None) for a run without checkpoints. Every rank calls this: ``find_resume`` then
+    ``load_engine``.
+    """
+    path, state = find_resume(run_dir, denv)
+    if path is not None:
+        load_engine(engine, path)
+    return path, state
 
-    Failing checkpoints are set aside, newest first (see the module docstring); when all fail,
-    CheckpointError. A file that would run code when loaded: UnsafeCheckpointError.
+
+def find_resume(run_dir: str | Path, denv: dist.DistEnv) -> tuple[Path | None, TrainState | None]:
+    """The checkpoint a resume continues and its train state, before any engine exists (the
+    resume contract is checked against it first); (None, None) for a run without checkpoints.
+    Every rank calls this; ``load_engine`` then loads that checkpoint's engine files.
+
+    The newest checkpoint that verifies, whose train state is a valid ``TrainState`` and whose
+    engine files unpickle without running code. Failing checkpoints are set aside, newest first
+    (see the module docstring); when all fail, CheckpointError. A file that would run code when
+    loaded: UnsafeCheckpointError.
     """
     root = Path(run_dir) / "checkpoints"
     names = dist.broadcast_object(
@@ -571,7 +593,7 @@ def resume(engine, run_dir: str | Path, denv: dist.DistEnv) -> tuple[Path | None
         if v.ok:
             if v.legacy and denv.is_main:
                 log.warning("checkpoint %s: %s", path, v.reason)
-            state, v = _load(engine, path, v, denv)
+            state, v = _read_checked(path, v, denv)
         if state is not None:
             _remember(path, v)
             return path, state
@@ -595,22 +617,22 @@ def resume(engine, run_dir: str | Path, denv: dist.DistEnv) -> tuple[Path | None
     return None, None
 
 
-def _load(engine, path: Path, v: Verdict, denv: dist.DistEnv) -> tuple[dict | None, Verdict]:
-    """Load a verified checkpoint: train state, a code-free unpickling check of this rank's
-    engine files, then DeepSpeed. (None, failing verdict) for an unreadable one."""
+def _read_checked(path: Path, v: Verdict, denv: dist.DistEnv) -> tuple[TrainState | None, Verdict]:
+    """A verified checkpoint's train state, after a code-free unpickling check of this rank's
+    engine files. (None, failing verdict) for an unreadable one (or a malformed train state)."""
     collective = denv.world_size > 1
     state, problem = None, None
     try:
-        state = read_state(path, v.legacy)
-        if state["step"] != step_of(path):
+        state = TrainState.from_dict(read_state(path, v.legacy), path / TRAIN_STATE)
+        if state.step != step_of(path):
             problem = (
                 "bad",
                 str(path / TRAIN_STATE),
-                f"step {state['step']}, the directory says {step_of(path)}",
+                f"step {state.step}, the directory says {step_of(path)}",
             )
     except UnsafeCheckpointError as e:
         problem = ("unsafe", e.path, e.reason)
-    except CheckpointError as e:
+    except BadInputError as e:  # CheckpointError, or a TrainState field that does not fit
         problem = ("bad", e.path, e.reason)
     if problem is None:
         allow = dist.engine_safe_globals()
@@ -632,6 +654,12 @@ def _load(engine, path: Path, v: Verdict, denv: dist.DistEnv) -> tuple[dict | No
             raise UnsafeCheckpointError(where, reason)
         rel = Path(where).relative_to(path).as_posix()
         return None, Verdict(False, reason=f"{rel}: {reason}", slug="unreadable", files=v.files)
+    return state, v
+
+
+def load_engine(engine, path: Path) -> None:
+    """Load checkpoint ``path``'s DeepSpeed files into ``engine`` (every rank), found by
+    ``find_resume``; this run's optimizer settings are kept (``distributed.load_engine``)."""
     try:
         dist.load_engine(engine, path, ENGINE)
     except pickle.UnpicklingError as e:  # a file changed after the check above
@@ -640,7 +668,6 @@ def _load(engine, path: Path, v: Verdict, denv: dist.DistEnv) -> tuple[dict | No
         raise CheckpointError(
             path / ENGINE, f"DeepSpeed cannot load it: {describe_error(e)}"
         ) from e
-    return state, v
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -306,6 +306,55 @@ def grad_norm(engine) -> float | None:
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
+def optimizer_step(engine) -> tuple[bool, float]:
+    """``engine.step()`` at the accumulation boundary: (applied, global gradient norm), the
+    same on every rank. An update is skipped when the gradients are not finite.
+
+    ZeRO 1-3 and bf16 check the gradients themselves (DeepSpeed 0.19, every stage checked with
+    inf gradients and a finite loss): the update is skipped, ``was_step_applied()`` is False, the
+    norm is inf and the schedule does not advance. fp32 at ZeRO 0 has no such check: DeepSpeed
+    would clip by an inf norm and apply a NaN update. There the norm is taken here first (the
+    gradients are already all-reduced; one more reduction makes the verdict every rank's) and a
+    non-finite one skips the step as DeepSpeed's own check does: the gradients are dropped and
+    only its step counters move on (the micro-step one keeps accumulation boundaries aligned).
+    """
+    norm = grad_norm(engine)
+    if norm is None:
+        engine.step()
+        return engine.was_step_applied(), _as_float(engine.get_global_grad_norm())
+    bad = torch.tensor(float(not math.isfinite(norm)), device=device())
+    if all_reduce(bad, "max").item():
+        engine.zero_grad()
+        engine.micro_steps += 1
+        engine.global_steps += 1
+        engine.global_samples += engine.train_batch_size()
+        engine.skipped_steps += 1
+        engine._step_applied = False  # what was_step_applied() reports
+        return False, norm
+    engine.step()
+    return True, norm
+
+
+def _as_float(x) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if torch.is_tensor(x) else x)
+
+
+def describe_optimizer(engine) -> str:
+    """What the next update uses, read from the engine: lr, betas and weight decay of each param
+    group, and DeepSpeed's gradient clipping (a log line after a resume)."""
+    groups = torch_optimizer(engine).param_groups
+    wd = "/".join(f"{g['weight_decay']:g}" for g in groups)
+    betas = {tuple(g["betas"]) for g in groups}
+    lrs = {g["lr"] for g in groups}
+    return (
+        f"lr {'/'.join(f'{lr:.6g}' for lr in sorted(lrs))} betas "
+        f"{'/'.join(str(tuple(b)) for b in sorted(betas))} weight_decay {wd} "
+        f"grad_clip {engine.gradient_clipping():g}"
+    )
+
+
 def save_engine(engine, directory: Path, tag: str) -> None:
     """Every rank writes its DeepSpeed shards of ``engine`` under ``directory/tag``."""
     engine.save_checkpoint(str(directory), tag=tag, save_latest=False)
@@ -395,19 +444,53 @@ def weights_only_loads():
                 os.environ[k] = v
 
 
+# What evav's config sets in each of the optimizer's param groups (a group's "step", which
+# DeepSpeed's fused Adam keeps there, is progress, restored from the checkpoint).
+_GROUP_SETTINGS = ("betas", "weight_decay", "eps", "initial_lr")
+
+
+def torch_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO 1-3, bf16), whose ``param_groups``
+    every stage's step reads (the wrappers' own ``param_groups`` are the same list)."""
+    base = engine.optimizer
+    while base is not None and not isinstance(base, torch.optim.Optimizer):
+        base = getattr(base, "optimizer", None)
+    if base is None:
+        raise RuntimeError(f"cannot find the torch optimizer inside {type(engine.optimizer)}")
+    return base
+
+
 def load_engine(engine, directory: Path, tag: str) -> None:
     """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails.
 
     Every file is unpickled with ``weights_only=True`` (:func:`weights_only_loads`): a planted
-    pickle payload raises ``pickle.UnpicklingError`` instead of running."""
+    pickle payload raises ``pickle.UnpicklingError`` instead of running.
+
+    The optimizer keeps *this* run's settings: DeepSpeed restores the saved run's param groups
+    (lr, betas, weight decay) and the schedule's base lrs with the moments, so the values
+    ``build_engine`` put there from this run's config are taken first and written back after,
+    the lr as this run's schedule at the saved step. The next update uses them (the resume
+    contract, evav/resume.py, logs each change). Gradient clipping needs nothing: it is in
+    DeepSpeed's config, built from this run's."""
+    groups = torch_optimizer(engine).param_groups
+    mine = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in groups]
+    sched = engine.lr_scheduler
+    base_lrs = list(getattr(sched, "base_lrs", []))
     with weights_only_loads():
         path, _ = engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
-    sched = engine.lr_scheduler
+    groups = torch_optimizer(engine).param_groups
+    if len(groups) != len(mine):
+        raise RuntimeError(
+            f"checkpoint {directory / tag} has {len(groups)} param groups, this model {len(mine)}"
+        )
+    for group, settings in zip(groups, mine):
+        group.update(settings)
     if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+        sched.base_lrs = base_lrs  # the saved run's lr otherwise
         # The optimizer's lr is the saved run's: its schedule's value at the saved step. This run's
         # schedule may differ (a run extended with a larger `steps`), so the next update must use
         # this run's value at that step. Same schedule: the same float, so resume stays exact.

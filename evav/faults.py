@@ -4,6 +4,8 @@
                                     after the engine shards are written, before the commit marker
     EVAV_FAULT=nan_loss:5,6,7       make the training loss non-finite at these step attempts (1-based,
                                     counted from the start of this process, skipped ones included)
+    EVAV_FAULT=inf_grad:5           make a parameter's gradient infinite (the loss stays finite)
+                                    in the backward passes of step attempt 5 (counted as for nan_loss)
     EVAV_FAULT=hold:30              at the end of step 30 of a fresh (not resumed) run, wait (at
                                     most 300 s) until a preemption signal has arrived: a
                                     preemption test then checkpoints mid-run however fast the
@@ -14,6 +16,7 @@ Several faults are separated by ``;``. The hooks cost one dict lookup when unset
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -44,3 +47,23 @@ def hold(step: int, released: Callable[[], bool], resumed: bool, timeout_s: floa
         deadline = time.monotonic() + timeout_s
         while not released() and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def inf_grad(module, step: int) -> contextlib.AbstractContextManager:
+    """A context for the backward pass: at the ``inf_grad`` attempts, the gradient reaching the
+    module's first parameter is made inf (a tensor hook, so it acts before DeepSpeed's gradient
+    hooks at every ZeRO stage)."""
+    if not active("inf_grad", step):
+        return contextlib.nullcontext()
+    return _inf_grad(next(p for p in module.parameters() if p.requires_grad))
+
+
+@contextlib.contextmanager
+def _inf_grad(param):
+    import torch  # only when the fault is on: faults.py stays light
+
+    handle = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    try:
+        yield
+    finally:
+        handle.remove()

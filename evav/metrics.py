@@ -7,6 +7,12 @@
 
 Keys are namespaced (``train/loss``, ``val/loss/fsdd``, ``speed/mfu``, ``data/wait_s``).
 
+Non-finite values are kept, never dropped (a divergence must show): in metrics.jsonl, which is
+strict JSON, such a value is ``null`` and the record's ``nonfinite`` maps its key to ``"nan"``,
+``"inf"`` or ``"-inf"``: ``{"step": 5, "train/grad_norm": null, "nonfinite":
+{"train/grad_norm": "inf"}, ...}``. MLflow gets the float itself (its stores, SQLite and the
+REST server, take NaN, and inf as +-1.8e308). A value of None is "not measured" and left out.
+
 The jsonl file is the record of truth: every call is appended and flushed before ``log``
 returns. MLflow is fed from a background thread, so a slow or dead tracking server never stalls
 training: batches that fail stay queued and are retried with backoff, and are sent when the
@@ -245,14 +251,19 @@ class MetricsLogger:
     # -- public ----------------------------------------------------------------------------
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Record metrics for ``step``: appended to metrics.jsonl now, to MLflow soon."""
-        clean = {
-            k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
-        }
-        record = {"step": int(step), "time": time.time(), **clean}
-        self._jsonl.write(json.dumps(record) + "\n")
+        values = {k: float(v) for k, v in metrics.items() if v is not None}  # None: not measured
+        record: dict[str, Any] = {"step": int(step), "time": time.time()}
+        nonfinite = {}
+        for k, v in values.items():
+            record[k] = v if math.isfinite(v) else None
+            if not math.isfinite(v):
+                nonfinite[k] = "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON
         self._jsonl.flush()
-        if self._thread is not None:
-            self._queue.put(("metrics", record))
+        if self._thread is not None:  # MLflow takes NaN and inf as they are
+            self._queue.put(("metrics", {"step": record["step"], "time": record["time"], **values}))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self._thread is not None:

@@ -4,9 +4,15 @@
     torchrun --nproc_per_node 2 -m evav.cli train configs/debug.yaml engine.zero_stage=2
     srun python -m evav.cli train ...          (slurm/train.sbatch does this)
 
-config -> logging -> signals -> distributed -> data -> model -> DeepSpeed engine -> resume ->
-loop (step, log, validate, checkpoint, preemption) -> teardown. Re-running the same command
-with the same run directory resumes from the latest complete checkpoint, in the same MLflow run.
+config -> logging -> signals -> distributed -> data -> resume contract -> model -> DeepSpeed
+engine -> resume -> loop (step, log, validate, checkpoint, preemption) -> teardown. Re-running the
+same command with the same run directory resumes from the newest checkpoint that verifies, in
+the same MLflow run, once its config and data agree with this run's (evav/resume.py: every
+change is logged; one that would make it another run is refused before anything is written).
+
+A step is skipped, and counted (``train/skipped_steps``, ``max_skipped_steps``), when its loss
+is non-finite on any rank or its gradients are (``distributed.optimizer_step``); the skipped
+attempt does not count as a step: the schedule and ``step`` stay, the next batches are tried.
 
 The MLflow run ends FINISHED when training reaches ``steps``, FAILED when an exception escapes,
 and KILLED on preemption (the resumed job sets it RUNNING again). On preemption the order is:
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evav import checkpoint, faults, runlock
+from evav import checkpoint, faults, resume, runlock
 from evav import distributed as dist
 from evav.config import dump_yaml, load_config
 from evav.data import DataConfig, Loader
@@ -39,6 +45,7 @@ from evav.frames.write import contact_sheet
 from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
 from evav.model import ModelConfig, build_model, next_frame_loss, train_flops_per_frame
 from evav.preemption import Preemption, requeue_slurm_job
+from evav.resume import TrainState
 
 log = logging.getLogger("evav.train")
 
@@ -55,13 +62,17 @@ class TrainConfig:
     ckpt_every: int = 100  # 0: only at the end and on preemption
     keep_last: int = 2
     keep_every: int = 0  # also keep checkpoints whose step is a multiple of this (0: none)
-    max_skipped_steps: int = 10  # non-finite losses tolerated before the run stops
+    # skipped steps (a non-finite loss, or non-finite gradients) at which the run stops
+    max_skipped_steps: int = 10
     peak_flops: float = 0.0  # per device, for MFU (989e12: H100/H200 bf16 dense); 0: no MFU
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # on resume, accept changes the resume contract refuses (evav/resume.py) in these dotted keys
+    # or groups: e.g. [data] (other data), [data.weights], [model], [engine.zero_stage]
+    resume_allow: list[str] = field(default_factory=list)
 
 
 PREEMPTED_EXIT = (
@@ -90,9 +101,7 @@ def train(cfg: TrainConfig) -> dict:
         np.random.seed((cfg.seed + denv.rank) % 2**32)
         device = dist.device()
         config_yaml = dump_yaml(redacted_config(cfg))  # no credentials on disk
-        if denv.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config_yaml)
+        resume.check_allow(cfg)
 
         # -- data ------------------------------------------------------------------------
         loader = Loader(
@@ -116,6 +125,22 @@ def train(cfg: TrainConfig) -> dict:
             )
         tasks = loader.task_names
 
+        # -- resume contract: before the engine is built, before RUN is written ---------------
+        state = TrainState(
+            world_size=denv.world_size,
+            render_hash=loader.render_hash,
+            data_identity=loader.identity(),
+            config=redacted_config(cfg),
+        )
+        # the newest checkpoint that verifies; failing ones are set aside (checkpoint.py)
+        last, saved = checkpoint.find_resume(run_dir, denv)
+        if last is not None:  # every change logged; a refused one stops here (exit status 2)
+            changes = resume.compare(saved, state, cfg, last) if denv.is_main else None
+            resume.enforce(dist.broadcast_object(changes), last, show=denv.is_main)
+        if denv.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(config_yaml)
+
         # -- model and engine -----------------------------------------------------------
         if (cfg.model.height, cfg.model.width) != tuple(loader.frame_size):
             raise ValueError(
@@ -132,21 +157,18 @@ def train(cfg: TrainConfig) -> dict:
         amp = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
         # -- resume ----------------------------------------------------------------------
-        state = {"step": 0, "samples": 0, "frames": 0, "skipped_steps": 0}
-        mlflow_run_id = None
-        # the newest checkpoint that verifies; failing ones are set aside (checkpoint.py)
-        last, saved = checkpoint.resume(engine, run_dir, denv)
         if last is not None:
-            _check_resumable(saved, loader, denv.world_size)
-            state.update({k: saved[k] for k in state})
-            loader.load_state_dict(saved["loader"], saved["world_size"])
-            _set_rng(saved["rng"][denv.rank] if saved["world_size"] == denv.world_size else None)
-            mlflow_run_id = saved.get("mlflow_run_id")
-            log.info("resumed from %s at step %d", last, state["step"])
+            checkpoint.load_engine(engine, last)  # with this run's optimizer settings
+            state.step, state.samples, state.frames = saved.step, saved.samples, saved.frames
+            state.skipped_steps, state.mlflow_run_id = saved.skipped_steps, saved.mlflow_run_id
+            loader.load_state_dict(saved.loader, saved.world_size)
+            _set_rng(saved.rng[denv.rank] if saved.world_size == denv.world_size else None)
+            log.info("resumed from %s at step %d", last, state.step)
+            log.info("optimizer after resume: %s", dist.describe_optimizer(engine))
         metrics = None
         if denv.is_main:
             metrics = MetricsLogger(
-                run_dir, cfg.metrics, params=redacted_config(cfg), run_id=mlflow_run_id
+                run_dir, cfg.metrics, params=state.config, run_id=state.mlflow_run_id
             )
             stack.push(_end_mlflow_run(metrics))  # FINISHED, or FAILED on an exception
             metrics.set_tags(
@@ -160,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
         # step boundary even while the data is late, and each step finds its batches ready.
         batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
-        step, attempt = state["step"], 0
+        step, attempt = state.step, 0
         waited_s = _wait_for_data(batches, step, cfg)
         early = torch.tensor(float(preempt.requested), device=device)
         if step < cfg.steps and dist.all_reduce(early, "max").item():
@@ -172,7 +194,8 @@ def train(cfg: TrainConfig) -> dict:
             loss_sum = torch.zeros((), device=device)
             task_sums = torch.zeros(2, len(tasks), device=device)  # per-task loss sums, counts
             frames_this_step, bad_micro = 0, 0
-            for _ in range(cfg.engine.grad_accum_steps):
+            gas = cfg.engine.grad_accum_steps
+            for micro in range(gas):
                 batch = next(batches)
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
@@ -189,49 +212,46 @@ def train(cfg: TrainConfig) -> dict:
                 finite = torch.isfinite(loss).float()
                 if dist.all_reduce(1.0 - finite, "max").item():  # any rank: drop this micro-batch
                     bad_micro += 1
-                    if cfg.engine.grad_accum_steps == 1:
+                    if gas == 1:
                         break  # nothing reached the engine: the step is skipped cleanly
                     loss = pred.float().sum() * 0.0  # keeps DeepSpeed's accumulation in step
                 else:
                     loss_sum += loss.detach()
                     _add_task_losses(task_sums, per_task)
                     frames_this_step += int((~batch["pad_mask"]).sum())
-                engine.backward(loss)
-            if bad_micro:
-                state["skipped_steps"] += 1
-                log.warning(
-                    "step %d: non-finite loss in %d micro-batch(es), %s (%d/%d)",
-                    step + 1,
-                    bad_micro,
-                    "step skipped"
-                    if cfg.engine.grad_accum_steps == 1
-                    else "they contribute no gradient",
-                    state["skipped_steps"],
-                    cfg.max_skipped_steps,
+                with faults.inf_grad(engine.module, attempt):
+                    engine.backward(loss)
+                if micro < gas - 1:
+                    engine.step()  # DeepSpeed counts micro-batches in step(); no update yet
+            if bad_micro and gas == 1:
+                _skip(state, cfg, metrics, step, "non-finite loss, step skipped", run_dir)
+                continue
+            applied, grad_norm = dist.optimizer_step(engine)  # skipped on non-finite gradients
+            n_frames, n_skipped = dist.all_reduce(
+                torch.tensor([float(frames_this_step), float(not applied)], device=device), "sum"
+            ).tolist()
+            if n_skipped:
+                why = (
+                    f"non-finite gradients (norm {grad_norm:g}) with a finite loss "
+                    f"{float(loss_sum) / gas:.4g}, update skipped"
                 )
-                if state["skipped_steps"] >= cfg.max_skipped_steps:
-                    raise NonFiniteLossError(
-                        f"{state['skipped_steps']} steps with a non-finite loss (limit "
-                        f"max_skipped_steps={cfg.max_skipped_steps}); the last good checkpoint "
-                        f"is {checkpoint.last_good(run_dir)}"
-                    )
-                if cfg.engine.grad_accum_steps == 1:
-                    continue
-            if every(step + 1, cfg.log_every) or step + 1 == cfg.steps:
-                window.grad_norm = dist.grad_norm(engine)  # before the step zeroes gradients
-            engine.step()
+                _skip(state, cfg, metrics, step, why, run_dir, {"train/grad_norm": grad_norm})
+                continue
+            if bad_micro:  # the step trained on the others
+                why = (
+                    f"non-finite loss in {bad_micro} of {gas} micro-batches (no gradient from them)"
+                )
+                _skip(state, cfg, metrics, step, why, run_dir)
             step += 1
-            n_frames = dist.all_reduce(
-                torch.tensor(float(frames_this_step), device=device), "sum"
-            ).item()
-            state["step"] = step
-            state["samples"] += cfg.micro_batch * cfg.engine.grad_accum_steps * denv.world_size
-            state["frames"] += int(n_frames)
+            state.step = step
+            state.samples += cfg.micro_batch * gas * denv.world_size
+            state.frames += int(n_frames)
             window.add(
                 time.perf_counter() - t0,
                 n_frames,
-                loss_sum / cfg.engine.grad_accum_steps,
+                loss_sum / gas,
                 task_sums,
+                grad_norm,
             )
 
             # -- periodic actions: log, validate, checkpoint, preemption -------------------
@@ -265,18 +285,7 @@ def train(cfg: TrainConfig) -> dict:
                 dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item()
             )
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
-                _save(
-                    engine,
-                    run_dir,
-                    step,
-                    state,
-                    loader,
-                    denv,
-                    metrics,
-                    loader.render_hash,
-                    config_yaml,
-                    cfg,
-                )
+                _save(engine, run_dir, step, state, loader, denv, metrics, config_yaml, cfg)
             if stop:  # the checkpoint is committed
                 return _stop_preempted(step, preempt, metrics, denv)
         return {"step": step, "preempted": False, "last_loss": window.last_loss}
@@ -387,9 +396,10 @@ class _Window:
         self.steps = 0
         self.loss = 0.0
         self.task_sums = None
-        self.grad_norm = None  # set before the step when DeepSpeed cannot report it
+        self.grad_norm = float("nan")  # the last step's (dist.optimizer_step)
 
-    def add(self, seconds, frames, loss, task_sums):
+    def add(self, seconds, frames, loss, task_sums, grad_norm):
+        self.grad_norm = grad_norm
         self.time += seconds
         self.frames += frames
         self.steps += 1
@@ -407,12 +417,10 @@ class _Window:
         rec = {
             "train/loss": loss,
             "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
-            "train/grad_norm": _to_float(
-                engine.get_global_grad_norm() if self.grad_norm is None else self.grad_norm
-            ),
-            "train/skipped_steps": state["skipped_steps"],
-            "train/samples": state["samples"],
-            "train/frames": state["frames"],
+            "train/grad_norm": self.grad_norm,
+            "train/skipped_steps": state.skipped_steps,
+            "train/samples": state.samples,
+            "train/frames": state.frames,
             "speed/frames_per_s": fps,
             "speed/tokens_per_s": fps * tokens_per_frame,
             "speed/step_s": self.time / max(1, self.steps),
@@ -433,29 +441,42 @@ class _Window:
         return rec
 
 
-def _save(engine, run_dir, step, state, loader, denv, metrics, render_hash, config_yaml, cfg):
-    loader_states = dist.all_gather_objects(loader.state_dict())
-    rngs = dist.all_gather_objects(_get_rng())
-    full = {
-        **state,
-        "world_size": denv.world_size,
-        "loader": loader_states,
-        "rng": rngs,
-        "render_hash": render_hash,
-        "mlflow_run_id": metrics.wait_run_id() if metrics else None,
-    }
-    full["mlflow_run_id"] = dist.broadcast_object(full["mlflow_run_id"])
+def _save(
+    engine, run_dir, step, state: TrainState, loader, denv, metrics, config_yaml, cfg
+) -> None:
+    """Checkpoint ``step``: every rank's loader and RNG states join the train state."""
+    state.loader = dist.all_gather_objects(loader.state_dict())
+    state.rng = dist.all_gather_objects(_get_rng())
+    state.mlflow_run_id = dist.broadcast_object(metrics.wait_run_id() if metrics else None)
     path = checkpoint.save(
-        engine, run_dir, step, full, config_yaml, denv, cfg.keep_last, cfg.keep_every
+        engine, run_dir, step, state, config_yaml, denv, cfg.keep_last, cfg.keep_every
     )
     log.info("checkpoint %s", path)
 
 
-def _check_resumable(saved: dict, loader: Loader, world: int) -> None:
-    if saved["render_hash"] != loader.render_hash:
-        raise ValueError(
-            f"checkpoint was trained on frames with render hash {saved['render_hash']}, "
-            f"the data now has {loader.render_hash}"
+def _skip(
+    state: TrainState, cfg: TrainConfig, metrics, step: int, why: str, run_dir, record=None
+) -> None:
+    """Count a skipped step (attempting step ``step + 1``): a warning, a metrics record at that
+    step (``train/skipped_steps``, and ``record``: a non-finite grad norm is kept, see
+    evav/metrics.py), and NonFiniteLossError at ``max_skipped_steps``."""
+    state.skipped_steps += 1
+    log.warning(
+        "step %d: %s (skipped steps %d/%d)",
+        step + 1,
+        why,
+        state.skipped_steps,
+        cfg.max_skipped_steps,
+    )
+    if metrics:
+        metrics.log({"train/skipped_steps": state.skipped_steps, **(record or {})}, step + 1)
+    if state.skipped_steps >= cfg.max_skipped_steps:
+        good = checkpoint.last_good(run_dir)
+        raise NonFiniteLossError(
+            f"{state.skipped_steps} skipped steps (a non-finite loss or non-finite gradients; "
+            f"limit max_skipped_steps={cfg.max_skipped_steps}), the last at step {step + 1}: "
+            f"{why}; "
+            + (f"the last good checkpoint is {good}" if good else "there is no good checkpoint")
         )
 
 
@@ -485,12 +506,6 @@ def _peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _to_float(x) -> float:
-    if x is None:
-        return float("nan")
-    return float(x.item() if torch.is_tensor(x) else x)
-
-
 def _fmt(rec: dict) -> str:
     return " ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in rec.items())
 
@@ -500,7 +515,8 @@ def _line(step: int, total: int, r: dict) -> str:
     return (
         f"step {step}/{total} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
         f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s{mfu} | "
-        f"wait {r['data/wait_frac']:.0%} | skipped {int(r.get('data/skipped', 0))} | "
+        f"wait {r['data/wait_frac']:.0%} | skipped samples {int(r.get('data/skipped', 0))} "
+        f"steps {int(r['train/skipped_steps'])} | "
         f"mem {r['mem/peak_gb']:.2f} GB"
     )
 

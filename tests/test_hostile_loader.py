@@ -567,13 +567,14 @@ def test_training_on_all_corrupt_shards_stops_with_the_clear_error(built, tmp_pa
     corrupt_every_clip(d)
     t0 = time.perf_counter()
     done = run_train(tmp_path / "run", d, "steps=3")
-    assert time.perf_counter() - t0 < 60
-    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
-    last = done.stderr.strip().splitlines()[-1]  # the traceback's last line ("[rank0]: ...")
-    assert (
-        "evav.data.loader.DataExhaustedError: no good sample in the last 1000 read from "
+    assert time.perf_counter() - t0 < 180  # a hang guard, not a speed check
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]  # one error line, no traceback
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert last.startswith(
+        "evav train: error: no good sample in the last 1000 read from "
         f"{d}: 1000 checksum (e.g. {d}/train/shard-00000"
-    ) in last, last
+    ), last
     assert last.endswith(
         "clip checksum mismatch (the KEY.mp4 bytes differ from clip_sha256)) "
         "(data.max_bad_in_a_row=1000; 0 never stops)"

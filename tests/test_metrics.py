@@ -110,7 +110,7 @@ def test_disabled_logger_writes_only_jsonl(tmp_path):
     m.close("KILLED")
     assert not (tmp_path / "mlflow_run_id").exists()
     assert [{k: v for k, v in r.items() if k != "time"} for r in read_metrics(tmp_path)] == [
-        {"step": 1, "train/loss": 0.5}
+        {"step": 1, "train/loss": 0.5, "train/nan": None, "nonfinite": {"train/nan": "nan"}}
     ]
 
 

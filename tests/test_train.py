@@ -242,7 +242,13 @@ def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_d
         tmp_path / "a", synthetic, "steps=6", "ckpt_every=0", env={"EVAV_FAULT": "nan_loss:3"}
     )
     assert ok.returncode == 0, ok.stdout[-3000:]
-    assert read_metrics(tmp_path / "a")[-1]["train/skipped_steps"] == 1
+    records = read_metrics(tmp_path / "a")
+    assert records[-1]["train/skipped_steps"] == 1
+    # the skipped attempt has its own record at the step it attempted, before step 3 trains
+    skip = [r for r in records if "train/loss" not in r and "train/skipped_steps" in r]
+    assert [(r["step"], r["train/skipped_steps"]) for r in skip] == [(3, 1)]
+    assert "step 3: non-finite loss, step skipped (skipped steps 1/10)" in ok.stdout
+    assert "step 6/6 | " in ok.stdout and "skipped samples 0 steps 1 |" in ok.stdout
     bad = run_train(
         tmp_path / "b",
         synthetic,

@@ -197,6 +197,25 @@ class Loader:
             )
         self._state = {"slot": first["slot"], "counts": list(first["counts"])}
 
+    def identity(self) -> list[dict]:
+        """What each dataset is, for the resume contract (evav/resume.py): its name, builder,
+        builder_version, render_hash and every split's shard sha256s in order, from the
+        manifests (no shard is read), and ``digest``: 16 hex digits of a sha256 over all but the
+        name (a moved folder is the same data; rebuilt shards are not)."""
+        from evav.resume import identity_digest  # resume imports nothing of the data package
+
+        out = []
+        for name, m in zip(self.names, self.manifests):
+            parts = {
+                "name": name,
+                "builder": m.builder,
+                "builder_version": m.builder_version,
+                "render_hash": m.render_hash,
+                "splits": {s: [sh.sha256 for sh in m.splits[s].shards] for s in sorted(m.splits)},
+            }
+            out.append({**parts, "digest": identity_digest(parts)})
+        return out
+
     def reset(self) -> None:
         """Back to the start, statistics too (validation reads its split afresh each time)."""
         self._state = {"slot": 0, "counts": [0] * len(self.names)}
