@@ -11,6 +11,11 @@ A checkpoint directory holds
     zero_to_*.py       DeepSpeed's recovery scripts (ZeRO stages 1-3; never run by evav)
     COMPLETE           the commit marker (JSON): step, time, world size and every other file of
                        the directory with its size and sha256; written atomically, last
+    universal/         only after a resume on another number of ranks (ZeRO 1-3): DeepSpeed's
+                       universal conversion of engine/ (``universal``), made once by rank 0 in
+                       universal.tmp-PID/ and renamed; not in the step's COMPLETE (verification
+                       refuses unlisted files under engine/ only) but under its own
+                       universal/COMPLETE, checked before each use (``verify_universal``)
 
 Saving (``save``, every rank): the fp32 master weights and the optimizer state must be finite
 (one all-reduce; else NonFiniteStateError names the last good checkpoint and nothing is
@@ -80,6 +85,7 @@ MARKER = "COMPLETE"
 MARKER_FORMAT = 2  # 1 (no "format" key): step, time, world_size; 2: and "files"
 TRAIN_STATE = "train_state.pt"
 ENGINE = "engine"  # DeepSpeed's tag: the shards' folder
+UNIVERSAL = "universal"  # the universal conversion, for another number of ranks (own marker)
 STEP_RE = re.compile(r"^step_(\d+)$")
 SET_ASIDE_RE = re.compile(r"^step_\d+\.bad-")
 _RANK_SHARD = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's name for a rank's own shard
@@ -659,15 +665,143 @@ def _read_checked(path: Path, v: Verdict, denv: dist.DistEnv) -> tuple[TrainStat
 
 def load_engine(engine, path: Path) -> None:
     """Load checkpoint ``path``'s DeepSpeed files into ``engine`` (every rank), found by
-    ``find_resume``; this run's optimizer settings are kept (``distributed.load_engine``)."""
+    ``find_resume``; this run's optimizer settings are kept (``distributed.load_engine``).
+
+    A ZeRO 1-3 checkpoint written by another number of ranks is loaded from its universal
+    conversion (``universal``: made once, reused)."""
+    saved_world, stage = saved_layout(path)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    source = path / ENGINE
     try:
-        dist.load_engine(engine, path, ENGINE)
+        if stage > 0 and saved_world != world:
+            source = universal(path, world, saved_world, stage)
+            dist.load_engine(engine, source.parent, ENGINE, universal=True)
+        else:
+            dist.load_engine(engine, path, ENGINE)
     except pickle.UnpicklingError as e:  # a file changed after the check above
-        raise UnsafeCheckpointError(path / ENGINE, f"refused to unpickle: {_refusal(e)}") from None
+        raise UnsafeCheckpointError(source, f"refused to unpickle: {_refusal(e)}") from None
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(
-            path / ENGINE, f"DeepSpeed cannot load it: {describe_error(e)}"
-        ) from e
+        raise CheckpointError(source, f"DeepSpeed cannot load it: {describe_error(e)}") from e
+
+
+# -- another number of ranks: the universal checkpoint ----------------------------------------
+
+
+def saved_layout(path: Path) -> tuple[int, int]:
+    """(world size, ZeRO stage) checkpoint ``path`` was written with: the marker's world size,
+    the train state's config's stage (a checkpoint from before the contract: its config.yaml;
+    neither: DeepSpeed's file names, ZeRO 3 or 1-2 shards, else 0)."""
+    marker = json.loads((path / MARKER).read_text())
+    world = int(marker.get("world_size", 1))
+    conf = None
+    try:
+        conf = read_state(path, legacy=True).get("config")
+        if not isinstance(conf, dict):
+            import yaml
+
+            conf = yaml.safe_load((path / "config.yaml").read_text())
+        stage = conf["engine"]["zero_stage"]
+        if type(stage) is int:
+            return world, stage
+    except (OSError, KeyError, TypeError, ValueError, BadInputError):
+        pass
+    names = [p.name for p in (path / ENGINE).glob("*.pt")]
+    if any(_RANK_SHARD.match(n) and n.endswith("model_states.pt") for n in names):
+        return world, 3
+    return world, (1 if any("zero_pp_rank_" in n for n in names) else 0)
+
+
+def universal(path: Path, world: int, saved_world: int, stage: int) -> Path:
+    """Checkpoint ``path``'s universal conversion, ``path/universal/engine`` (every rank calls
+    it): made by rank 0 the first time (in ``path/universal.tmp-PID``, renamed when complete,
+    with its own ``COMPLETE`` listing every file with its sha256), reused afterwards once its
+    marker verifies (one that does not is removed and made again: it is derived data; the
+    checkpoint's own files were verified by ``find_resume``). Logs what was converted and how
+    long it took; CheckpointError when DeepSpeed cannot convert it."""
+    out = path / UNIVERSAL
+    problem = None
+    if _is_main():
+        try:
+            problem = _make_universal(path, world, saved_world, stage)
+        except Exception as e:  # every rank must hear of it, not wait at the barrier
+            problem = f"cannot convert it to a universal checkpoint: {describe_error(e)}"
+    problem = dist.broadcast_object(problem)
+    if problem:
+        raise CheckpointError(path / ENGINE, problem)
+    return out / ENGINE
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _make_universal(path: Path, world: int, saved_world: int, stage: int) -> str:
+    """Rank 0's part of ``universal``: "" when ``path/universal`` is ready, else the problem."""
+    out = path / UNIVERSAL
+    for stale in path.glob(UNIVERSAL + ".tmp-*"):  # a conversion killed before its rename
+        shutil.rmtree(stale, ignore_errors=True)
+    if out.exists():
+        v = verify_universal(out)
+        if v.ok:
+            log.info(
+                "reusing %s (the universal checkpoint of %s, ZeRO %d, %s) for %s",
+                out, path, stage, _ranks(saved_world), _ranks(world),
+            )  # fmt: skip
+            return ""
+        log.warning("%s fails verification (%s): converting again", out, v.reason)
+        shutil.rmtree(out)
+    tmp = path / f"{UNIVERSAL}.tmp-{os.getpid()}"
+    t0 = time.perf_counter()
+    dist.to_universal(path, ENGINE, tmp)
+    (tmp / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's; the tag is always given
+    rels = _list_files(tmp)
+    files = [
+        {"path": r, "size": h[0], "sha256": h[1]}
+        for r, h in zip(rels, _hash_files(tmp, rels))
+        if not isinstance(h, str)
+    ]
+    if len(files) != len(rels):
+        return f"cannot read back its universal conversion in {tmp}"
+    marker = {"format": MARKER_FORMAT, "step": step_of(path), "time": time.time()}
+    marker.update(source_world_size=saved_world, zero_stage=stage, files=files)
+    _atomic_write(tmp / MARKER, json.dumps(marker, indent=1))
+    tmp.rename(out)
+    _remember(out, Verdict(True, files=tuple(rels), marker=(out / MARKER).read_text()))
+    log.info(
+        "converted %s (ZeRO %d, %s) to a universal checkpoint for %s in %.1f s",
+        path, stage, _ranks(saved_world), _ranks(world), time.perf_counter() - t0,
+    )  # fmt: skip
+    return ""
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' if n != 1 else ''}"
+
+
+def verify_universal(out: Path) -> Verdict:
+    """Check a universal conversion ``step_N/universal`` against its own ``COMPLETE``: every
+    listed file's size and sha256, and nothing unlisted (DeepSpeed globs its folders)."""
+    cached = _cached(out)
+    if cached is not None:
+        return cached
+    try:
+        text = (out / MARKER).read_text()
+        files = json.loads(text)["files"]
+        entries = [(i, e) for i, e in enumerate(files)]
+        listed = {e["path"] for e in files}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        return Verdict(False, reason=f"{MARKER}: unreadable ({describe_error(e)})", slug="marker")
+    for rel in _list_files(out):
+        if rel not in listed:
+            return Verdict(False, reason=f"{rel}: not listed in {MARKER}", slug="unlisted")
+    fails = _check_files(out, entries)
+    if fails:
+        return Verdict(False, reason=sorted(fails)[0][2], slug=sorted(fails)[0][1])
+    v = Verdict(True, files=tuple(listed), marker=text)
+    _remember(out, v)
+    return v
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -274,6 +274,26 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+_HOST_GROUP: list = []  # a gloo group for flags the host owns, made once (see host_any)
+
+
+def host_any(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any: a host value (the preemption flag)
+    reduced over gloo, so it neither waits for the device's queue nor makes the device wait (on
+    NCCL a host flag would be copied to the GPU and read back: a synchronisation every step)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return flag
+    if torch.distributed.get_backend() == "gloo":
+        group = None
+    else:
+        if not _HOST_GROUP:  # every rank reaches the first call at the same point
+            _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
+        group = _HOST_GROUP[0]
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
@@ -291,48 +311,68 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def grad_norm(engine) -> float | None:
-    """The global gradient norm, read before ``engine.step()``, when DeepSpeed will not report it.
+def grad_norm(engine) -> torch.Tensor | None:
+    """The global gradient norm as a device tensor (no host synchronisation), read before
+    ``engine.step()``, when DeepSpeed will not check or report it.
 
     DeepSpeed's ``get_global_grad_norm`` is None for ZeRO stage 0 in fp32 (its plain optimizer
     path); there the gradients are already all-reduced, so the local norm is the global one.
-    Returns None when DeepSpeed reports the norm itself (read it after the step).
+    Returns None when DeepSpeed checks and reports the norm itself (read it after the step).
     """
     if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return None
     grads = [
         p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None
     ]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+    return torch.stack(grads).norm() if grads else torch.zeros((), device=device())
 
 
-def optimizer_step(engine) -> tuple[bool, float]:
-    """``engine.step()`` at the accumulation boundary: (applied, global gradient norm), the
-    same on every rank. An update is skipped when the gradients are not finite.
+APPLIED, SKIP_ASKED, SKIP_NONFINITE_GRAD = "applied", "asked", "nonfinite_grad"
+
+
+def optimizer_step(engine, skip: torch.Tensor, counts: torch.Tensor) -> tuple[str, list, Any]:
+    """End a step at the accumulation boundary, alike on every rank: ``(verdict, totals, norm)``.
+
+    ``skip`` (a device scalar, per rank; > 0: this step must not be applied, e.g. a micro-batch
+    with a non-finite loss, whose gradient is already in the accumulated buffers) and ``counts``
+    (a device vector) are summed over the ranks in one all-reduce, together with the gradient
+    check below: that reduction's ``.tolist()`` is the step's one host synchronisation, and
+    ``totals`` are the summed ``counts``. The verdict is ``APPLIED``, ``SKIP_ASKED`` or
+    ``SKIP_NONFINITE_GRAD``; ``norm`` is the global gradient norm (a tensor or float: read it
+    when logging).
 
     ZeRO 1-3 and bf16 check the gradients themselves (DeepSpeed 0.19, every stage checked with
     inf gradients and a finite loss): the update is skipped, ``was_step_applied()`` is False, the
     norm is inf and the schedule does not advance. fp32 at ZeRO 0 has no such check: DeepSpeed
-    would clip by an inf norm and apply a NaN update. There the norm is taken here first (the
-    gradients are already all-reduced; one more reduction makes the verdict every rank's) and a
-    non-finite one skips the step as DeepSpeed's own check does: the gradients are dropped and
-    only its step counters move on (the micro-step one keeps accumulation boundaries aligned).
+    would clip by an inf norm and apply a NaN update. There the norm is taken here first and a
+    non-finite one skips the step as DeepSpeed's own check does. A skipped step drops the
+    gradients and moves only DeepSpeed's step counters on (the micro-step one keeps
+    accumulation boundaries aligned).
     """
     norm = grad_norm(engine)
-    if norm is None:
-        engine.step()
-        return engine.was_step_applied(), _as_float(engine.get_global_grad_norm())
-    bad = torch.tensor(float(not math.isfinite(norm)), device=device())
-    if all_reduce(bad, "max").item():
-        engine.zero_grad()
-        engine.micro_steps += 1
-        engine.global_steps += 1
-        engine.global_samples += engine.train_batch_size()
-        engine.skipped_steps += 1
-        engine._step_applied = False  # what was_step_applied() reports
-        return False, norm
+    nonfinite = (~torch.isfinite(norm)).float() if norm is not None else torch.zeros(())
+    packed = torch.cat([skip.reshape(1).float(), nonfinite.reshape(1).to(skip.device), counts])
+    flags = all_reduce(packed.to(device()), "sum").tolist()
+    totals = flags[2:]
+    if flags[0] or flags[1]:
+        _skip_step(engine)
+        return (SKIP_ASKED if flags[0] else SKIP_NONFINITE_GRAD), totals, norm
     engine.step()
-    return True, norm
+    if norm is None:
+        norm = engine.get_global_grad_norm()
+        if not engine.was_step_applied():  # DeepSpeed's own overflow check skipped it
+            return SKIP_NONFINITE_GRAD, totals, norm
+    return APPLIED, totals, norm
+
+
+def _skip_step(engine) -> None:
+    """What DeepSpeed does for an overflowed step: the gradients dropped, the counters moved."""
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.global_steps += 1
+    engine.global_samples += engine.train_batch_size()
+    engine.skipped_steps += 1
+    engine._step_applied = False  # what was_step_applied() reports
 
 
 def _as_float(x) -> float:
@@ -460,8 +500,12 @@ def torch_optimizer(engine) -> torch.optim.Optimizer:
     return base
 
 
-def load_engine(engine, directory: Path, tag: str) -> None:
+def load_engine(engine, directory: Path, tag: str, universal: bool = False) -> None:
     """Load ``directory/tag``; an error (never DeepSpeed's silent fresh start) when it fails.
+
+    ``universal``: ``directory/tag`` is a universal checkpoint (:func:`to_universal`), loaded into
+    any number of ranks: DeepSpeed's ``load_universal_checkpoint`` is switched on for this load
+    only (it is read at load time alone, so the engine is built from the same config either way).
 
     Every file is unpickled with ``weights_only=True`` (:func:`weights_only_loads`): a planted
     pickle payload raises ``pickle.UnpicklingError`` instead of running.
@@ -476,10 +520,23 @@ def load_engine(engine, directory: Path, tag: str) -> None:
     mine = [{k: g[k] for k in _GROUP_SETTINGS if k in g} for g in groups]
     sched = engine.lr_scheduler
     base_lrs = list(getattr(sched, "base_lrs", []))
-    with weights_only_loads():
-        path, _ = engine.load_checkpoint(
-            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+    was = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(
+                str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+    finally:
+        engine._config.load_universal_checkpoint = was
+    if universal:
+        # ZeRO 3's universal load (DeepSpeed 0.19) puts one and the same `step` tensor into the
+        # state of every sub group; torch's AdamW adds 1 to it in place, so each update would
+        # count a step per sub group (the no-decay group's bias correction ran ahead: the first
+        # resumed update differed). Each state gets its own copy.
+        for s in torch_optimizer(engine).state.values():
+            if torch.is_tensor(s.get("step")):
+                s["step"] = s["step"].clone()
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {directory / tag}")
     groups = torch_optimizer(engine).param_groups
@@ -497,6 +554,34 @@ def load_engine(engine, directory: Path, tag: str) -> None:
         for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * f(sched.last_epoch)
         sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def to_universal(directory: Path, tag: str, out: Path, workers: int = 1) -> None:
+    """Convert the engine checkpoint ``directory/tag`` (ZeRO 1-3, any number of ranks) into a
+    universal checkpoint ``out/tag`` that loads into any number of ranks (``load_engine(...,
+    universal=True)``): DeepSpeed's ``ds_to_universal`` in this process (``workers`` > 1: that
+    many processes extract the shards), its loads forced to ``weights_only``, its printing
+    silenced. It also writes ``out/latest_universal`` (DeepSpeed's, never read: the tag is
+    given). One process calls it; ``out`` should be a fresh folder (see checkpoint.py)."""
+    import argparse
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(Path(directory) / tag),
+        output_folder=str(Path(out) / tag),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        # evav's checkpoints carry no universal_checkpoint_info (DeepSpeed writes it for AutoTP
+        # models only): pure data parallelism needs only its version key, which this adds
+        inject_missing_state=True,
+    )
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), weights_only_loads():
+        ds_to_universal.main(args)
 
 
 def destroy() -> None:

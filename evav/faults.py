@@ -6,6 +6,9 @@
                                     counted from the start of this process, skipped ones included)
     EVAV_FAULT=inf_grad:5           make a parameter's gradient infinite (the loss stays finite)
                                     in the backward passes of step attempt 5 (counted as for nan_loss)
+    EVAV_FAULT=nan_forward:5        make the activations NaN inside the forward pass (a forward
+                                    hook on the model's first child, its patch embedding) of micro-batch 0 of step attempt 5, on
+                                    rank 0 only (RANK unset counts as 0)
     EVAV_FAULT=hold:30              at the end of step 30 of a fresh (not resumed) run, wait (at
                                     most 300 s) until a preemption signal has arrived: a
                                     preemption test then checkpoints mid-run however fast the
@@ -56,6 +59,25 @@ def inf_grad(module, step: int) -> contextlib.AbstractContextManager:
     if not active("inf_grad", step):
         return contextlib.nullcontext()
     return _inf_grad(next(p for p in module.parameters() if p.requires_grad))
+
+
+def nan_forward(module, step: int, micro: int) -> contextlib.AbstractContextManager:
+    """A context for the forward pass: at the ``nan_forward`` attempts, micro-batch 0 on rank 0,
+    the output of the module's first child (the patch embedding) is made NaN, so the NaN arises
+    inside the forward and runs through every block (and every gradient is NaN), not only in
+    the loss."""
+    if not active("nan_forward", step) or micro != 0 or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return _nan_forward(next(module.children()))
+
+
+@contextlib.contextmanager
+def _nan_forward(child):
+    handle = child.register_forward_hook(lambda mod, args, out: out * float("nan"))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager

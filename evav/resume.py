@@ -29,7 +29,10 @@ dotted prefix wins):
   optimizer and the schedule after loading; gradient clipping is in DeepSpeed's config, built
   from this run's), cadences, retention, limits, metrics, loading, the paths of the data (the
   data is compared by its identity, not where it lies), a changed validation split, the world
-  size (the data order stays exact, the RNG streams start afresh).
+  size (the data order stays exact, the RNG streams start afresh, and ``plan_batch`` keeps the
+  global batch by adapting ``engine.grad_accum_steps`` before the engine is built; a world size
+  that cannot keep it is refused, ``resume_allow=[world_size]`` accepts it; a ZeRO 1-3
+  checkpoint is loaded from its universal conversion, checkpoint.py).
 
 Every leaf key of ``TrainConfig`` has a rule (tests/test_resume_contract.py walks them), so a new
 config key cannot be forgotten; a key without one is refused, never ignored. A key the saved
@@ -139,6 +142,9 @@ class TrainState:
     mlflow_run_id: str | None = None
     data_identity: list[dict] | None = None  # Loader.identity(); None: written before it
     config: dict | None = None  # the resolved config, redacted; None: written before it
+    # the gradient accumulation steps trained with (adapted on resume to another world size,
+    # see plan_batch; the config keeps what was asked); None: written before elastic resume
+    grad_accum_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``torch.save`` (no dataclass is pickled: the loader allows none)."""
@@ -203,6 +209,10 @@ class TrainState:
         if conf is not None and not isinstance(conf, dict):
             raise bad("config", "not a mapping")
         out["config"] = conf
+        gas = d.get("grad_accum_steps")
+        if gas is not None and (type(gas) is not int or gas < 1):
+            raise bad("grad_accum_steps", f"{_show(gas)} is not an integer >= 1")
+        out["grad_accum_steps"] = gas
         return cls(**out)
 
 
@@ -328,11 +338,92 @@ def _allowed(key: str, allow: list[str]) -> bool:
     return any(key == a or key.startswith(a + ".") for a in allow)
 
 
-def compare(saved: TrainState, now: TrainState, cfg: Any, where: Path) -> list[Change]:
+@dataclass(frozen=True)
+class BatchPlan:
+    """This run's gradient accumulation against the checkpoint's global batch (``plan_batch``)."""
+
+    grad_accum_steps: int  # what this run trains with
+    global_batch: int  # the checkpoint's: micro_batch x grad_accum_steps x world size (0: unknown)
+    note: str = ""  # what was adapted to keep the global batch, for the log ("": nothing)
+    refused: str = ""  # why another world size cannot keep the global batch ("": it can)
+    kept: bool = True  # this run's global batch is the checkpoint's
+
+
+def plan_batch(saved: TrainState, cfg: Any, world_size: int, where: Path) -> BatchPlan:
+    """Keep the global batch (``micro_batch x engine.grad_accum_steps x world size``) of
+    checkpoint ``where`` on this run's ``world_size``.
+
+    When this run asks for the checkpoint's ``micro_batch`` and ``engine.grad_accum_steps``
+    (its config, not what an earlier resume adapted), the accumulation steps become the saved
+    global batch over ``micro_batch x world_size`` if that divides exactly (2 ranks x 1 step ->
+    1 rank x 2 steps, and back), else the plan is refused (``refused``: a world size change
+    that cannot keep the global batch; ``resume_allow=[world_size]`` accepts this run's own
+    steps and so another global batch). A batch the user changed is this run's as given (the
+    contract refuses it unless it keeps the global batch or ``resume_allow`` names it)."""
+    from evav.config import to_dict
+
+    defaults = _flatten(to_dict(type(cfg)()))
+    saved_cfg = saved.config if saved.config is not None else _legacy_config(where)
+    old = _flatten(saved_cfg or {})
+    mb0 = old.get("micro_batch", defaults["micro_batch"])
+    asked0 = old.get("engine.grad_accum_steps", defaults["engine.grad_accum_steps"])
+    gas0, world0 = saved.grad_accum_steps or asked0, saved.world_size
+    mb, asked = cfg.micro_batch, cfg.engine.grad_accum_steps
+    if not all(type(v) is int and v > 0 for v in (mb0, asked0, gas0)):
+        return BatchPlan(asked, 0, kept=False)  # a malformed saved config: compare names it
+    global0 = mb0 * gas0 * world0
+    if mb != mb0 or asked != asked0:  # the user changed the batch: the contract judges it
+        return BatchPlan(asked, global0, kept=mb * asked * world_size == global0)
+    need, rest = divmod(global0, mb * world_size)
+    if rest or need < 1:
+        ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+        why = (
+            f"the global batch of {global0} (micro_batch {mb0} x engine.grad_accum_steps {gas0} "
+            f"x {world0} ranks) is not micro_batch {mb} x {ranks} x any engine.grad_accum_steps: "
+            f"set micro_batch and engine.grad_accum_steps for {ranks}, or accept another global "
+            f"batch"
+        )
+        return BatchPlan(asked, global0, refused=why, kept=False)
+    if need == gas0 and world0 == world_size and need == asked:
+        return BatchPlan(asked, global0)
+    if world0 != world_size:
+        note = (
+            f"world size {world0} -> {world_size}: engine.grad_accum_steps {gas0} -> {need} "
+            f"keeps the global batch of {global0}"
+        )
+    else:
+        note = (
+            f"engine.grad_accum_steps {need} (the config says {asked}) keeps the global batch of "
+            f"{global0}, as adapted when this run resumed on another world size"
+        )
+    return BatchPlan(need, global0, note)
+
+
+def apply_batch(plan: BatchPlan, cfg: Any, state: TrainState, show: bool = True) -> None:
+    """Train with the plan's accumulation steps (``cfg.engine.grad_accum_steps``, before the
+    engine is built) and record them in this run's train state; log what was adapted (when
+    ``show``: rank 0), or that the global batch changes (a refusal ``resume_allow`` accepted)."""
+    if show and plan.note:
+        log.info("%s", plan.note)
+    if show and plan.refused:
+        now = cfg.micro_batch * plan.grad_accum_steps * getattr(state, "world_size", 1)
+        log.warning(
+            "%s: allowed by resume_allow, the global batch changes to %d", plan.refused, now
+        )
+    cfg.engine.grad_accum_steps = plan.grad_accum_steps
+    state.grad_accum_steps = plan.grad_accum_steps
+
+
+def compare(
+    saved: TrainState, now: TrainState, cfg: Any, where: Path, plan: BatchPlan | None = None
+) -> list[Change]:
     """Every difference between checkpoint ``where`` (train state ``saved``) and this run
-    (``now``, with its config ``cfg``), in config order, then the data's."""
+    (``now``, with its config ``cfg``), in config order, then the data's. ``plan``: this run's
+    global batch against the checkpoint's (``plan_batch``; computed here when not given)."""
     from evav.config import to_dict  # the config module imports nothing of evav: no cycle
 
+    if plan is None:
+        plan = plan_batch(saved, cfg, now.world_size, where)
     allow = [str(a) for a in cfg.resume_allow]
     found: list[tuple[str, Any, Any]] = []
 
@@ -368,6 +459,13 @@ def compare(saved: TrainState, now: TrainState, cfg: Any, where: Path) -> list[C
             name, (kind, why) = key, (REFUSED, "not classified by the resume contract (a bug)")
         else:
             name, (kind, why) = rule
+        if key == "world_size" and plan.refused:
+            kind, why = REFUSED, plan.refused
+        elif key == "world_size" and plan.note:
+            why = f"{plan.note.split(': ', 1)[1]}; {why}"
+        elif key == "engine.grad_accum_steps" and plan.kept and plan.global_batch:
+            kind = APPLIED
+            why = f"the global batch of {plan.global_batch} is kept on {now.world_size} rank(s)"
         refused = kind == REFUSED and not _allowed(key, allow)
         if kind == REFUSED and not refused:
             why = f"{why}; allowed by resume_allow"

@@ -10,9 +10,13 @@ same command with the same run directory resumes from the newest checkpoint that
 the same MLflow run, once its config and data agree with this run's (evav/resume.py: every
 change is logged; one that would make it another run is refused before anything is written).
 
-A step is skipped, and counted (``train/skipped_steps``, ``max_skipped_steps``), when its loss
-is non-finite on any rank or its gradients are (``distributed.optimizer_step``); the skipped
-attempt does not count as a step: the schedule and ``step`` stay, the next batches are tried.
+A step's loss is the sum over its scored frames, every rank and micro-batch, divided by their
+count (known from the masks before the first forward). A step is skipped, and counted
+(``train/skipped_steps``, ``max_skipped_steps``), when a micro-batch's loss is non-finite on any
+rank, when its gradients are (``distributed.optimizer_step``), or when no rank had a frame to
+score; the skipped attempt does not count as a step: the schedule and ``step`` stay, the next
+batches are tried. One host synchronisation per step (the all-reduce in ``optimizer_step``);
+losses stay on the device until a logging step.
 
 The MLflow run ends FINISHED when training reaches ``steps``, FAILED when an exception escapes,
 and KILLED on preemption (the resumed job sets it RUNNING again). On preemption the order is:
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import logging
 import random
 import resource
@@ -43,7 +46,13 @@ from evav.data import DataConfig, Loader
 from evav.distributed import EngineConfig, OptimConfig
 from evav.frames.write import contact_sheet
 from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
-from evav.model import ModelConfig, build_model, next_frame_loss, train_flops_per_frame
+from evav.model import (
+    ModelConfig,
+    build_model,
+    next_frame_loss_sums,
+    target_select,
+    train_flops_per_frame,
+)
 from evav.preemption import Preemption, requeue_slurm_job
 from evav.resume import TrainState
 
@@ -131,12 +140,16 @@ def train(cfg: TrainConfig) -> dict:
             render_hash=loader.render_hash,
             data_identity=loader.identity(),
             config=redacted_config(cfg),
+            grad_accum_steps=cfg.engine.grad_accum_steps,
         )
         # the newest checkpoint that verifies; failing ones are set aside (checkpoint.py)
         last, saved = checkpoint.find_resume(run_dir, denv)
         if last is not None:  # every change logged; a refused one stops here (exit status 2)
-            changes = resume.compare(saved, state, cfg, last) if denv.is_main else None
+            # another world size keeps the global batch: engine.grad_accum_steps adapts to it
+            plan = resume.plan_batch(saved, cfg, denv.world_size, last)
+            changes = resume.compare(saved, state, cfg, last, plan) if denv.is_main else None
             resume.enforce(dist.broadcast_object(changes), last, show=denv.is_main)
+            resume.apply_batch(plan, cfg, state, show=denv.is_main)  # before the engine is built
         if denv.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml)
@@ -183,76 +196,65 @@ def train(cfg: TrainConfig) -> dict:
         batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
         step, attempt = state.step, 0
+        gas = cfg.engine.grad_accum_steps
         waited_s = _wait_for_data(batches, step, cfg)
-        early = torch.tensor(float(preempt.requested), device=device)
-        if step < cfg.steps and dist.all_reduce(early, "max").item():
+        if step < cfg.steps and dist.host_any(preempt.requested):
             # preempted before this process trained a step: its resume point is unchanged
             return _stop_preempted(step, preempt, metrics, denv)
         while step < cfg.steps:
             attempt += 1  # counts skipped steps too (fault injection is keyed on it)
             t0, waited_s = time.perf_counter() - waited_s, 0.0  # the step's time has its data wait
-            loss_sum = torch.zeros((), device=device)
-            task_sums = torch.zeros(2, len(tasks), device=device)  # per-task loss sums, counts
-            frames_this_step, bad_micro = 0, 0
-            gas = cfg.engine.grad_accum_steps
-            for micro in range(gas):
-                batch = next(batches)
+            # every rank takes exactly one micro-batch per micro-step (an all-bad one is the
+            # loader's placeholder, weight 0); the step's loss is the sum over its scored frames
+            # on every rank divided by their count, so a frame weighs the same wherever it lands
+            micro = [next(batches) for _ in range(gas)]
+            n_scored = dist.all_reduce(_scored_frames(micro).to(device), "sum")  # no host sync
+            scale = gas * denv.world_size / n_scored.clamp(min=1)  # DeepSpeed averages both
+            sums = torch.zeros(2 + 2 * len(tasks), device=device)  # loss, frames, per task
+            bad = torch.zeros((), device=device)  # micro-batches with a non-finite loss
+            for i, batch in enumerate(micro):
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                    pred = engine(frames_BTHWC.to(dist.input_dtype(engine)))
-                loss, per_task = next_frame_loss(
+                    with faults.nan_forward(engine.module, attempt, i):
+                        pred = engine(frames_BTHWC.to(dist.input_dtype(engine)))
+                out = next_frame_loss_sums(
                     pred,
                     frames_BTHWC,
                     batch["loss_mask"].to(device),
                     batch["pad_mask"].to(device),
                     batch["task_id"].to(device),
+                    len(tasks),
                 )
-                if faults.active("nan_loss", attempt):
-                    loss = loss * float("nan")
-                finite = torch.isfinite(loss).float()
-                if dist.all_reduce(1.0 - finite, "max").item():  # any rank: drop this micro-batch
-                    bad_micro += 1
-                    if gas == 1:
-                        break  # nothing reached the engine: the step is skipped cleanly
-                    loss = pred.float().sum() * 0.0  # keeps DeepSpeed's accumulation in step
-                else:
-                    loss_sum += loss.detach()
-                    _add_task_losses(task_sums, per_task)
-                    frames_this_step += int((~batch["pad_mask"]).sum())
+                total = (
+                    out.total * float("nan") if faults.active("nan_loss", attempt) else out.total
+                )
+                bad += ~torch.isfinite(total)
+                sums += torch.cat(
+                    [total.detach().reshape(1), out.count.reshape(1), out.tasks_2K.flatten()]
+                )
                 with faults.inf_grad(engine.module, attempt):
-                    engine.backward(loss)
-                if micro < gas - 1:
+                    engine.backward(total * scale)
+                if i < gas - 1:
                     engine.step()  # DeepSpeed counts micro-batches in step(); no update yet
-            if bad_micro and gas == 1:
-                _skip(state, cfg, metrics, step, "non-finite loss, step skipped", run_dir)
+            # a non-finite micro-batch on any rank skips the step on every rank: its gradient is
+            # in the accumulated buffers already (a NaN forward has NaN gradients however its loss
+            # is masked); a step without a scored frame anywhere is skipped too (Adam would still
+            # move the weights)
+            unpadded = float(sum(int((~b["pad_mask"]).sum()) for b in micro))  # host tensors
+            verdict, (n_frames,), grad_norm = dist.optimizer_step(
+                engine, bad + (n_scored == 0).float(), torch.tensor([unpadded], device=device)
+            )
+            if verdict != dist.APPLIED:
+                why = _skip_reason(verdict, grad_norm, n_scored, sums)
+                nonfinite_grad = verdict == dist.SKIP_NONFINITE_GRAD
+                record = {"train/grad_norm": _as_float(grad_norm)} if nonfinite_grad else {}
+                _skip(state, cfg, metrics, step, why, run_dir, record)
                 continue
-            applied, grad_norm = dist.optimizer_step(engine)  # skipped on non-finite gradients
-            n_frames, n_skipped = dist.all_reduce(
-                torch.tensor([float(frames_this_step), float(not applied)], device=device), "sum"
-            ).tolist()
-            if n_skipped:
-                why = (
-                    f"non-finite gradients (norm {grad_norm:g}) with a finite loss "
-                    f"{float(loss_sum) / gas:.4g}, update skipped"
-                )
-                _skip(state, cfg, metrics, step, why, run_dir, {"train/grad_norm": grad_norm})
-                continue
-            if bad_micro:  # the step trained on the others
-                why = (
-                    f"non-finite loss in {bad_micro} of {gas} micro-batches (no gradient from them)"
-                )
-                _skip(state, cfg, metrics, step, why, run_dir)
             step += 1
             state.step = step
             state.samples += cfg.micro_batch * gas * denv.world_size
             state.frames += int(n_frames)
-            window.add(
-                time.perf_counter() - t0,
-                n_frames,
-                loss_sum / gas,
-                task_sums,
-                grad_norm,
-            )
+            window.add(time.perf_counter() - t0, n_frames, sums, grad_norm)
 
             # -- periodic actions: log, validate, checkpoint, preemption -------------------
             if every(step, cfg.log_every) or step == cfg.steps:
@@ -281,9 +283,7 @@ def train(cfg: TrainConfig) -> dict:
                     log.info("step %d validation: %s", step, _fmt(record))
             faults.hold(step, lambda: preempt.requested, resumed=last is not None)
             waited_s = _wait_for_data(batches, step, cfg)  # the next step's; a signal ends it
-            stop = bool(
-                dist.all_reduce(torch.tensor(float(preempt.requested), device=device), "max").item()
-            )
+            stop = dist.host_any(preempt.requested)  # over gloo: no device synchronisation
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:
                 _save(engine, run_dir, step, state, loader, denv, metrics, config_yaml, cfg)
             if stop:  # the checkpoint is committed
@@ -314,36 +314,77 @@ def _stop_preempted(step: int, preempt: Preemption, metrics, denv) -> dict:
 
 
 def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], device, amp) -> dict:
-    """Mean next-frame loss per task over ``cfg.val_batches`` batches of the validation split,
-    and the samples it skipped as bad (``val/skipped``, ``val/skipped/KIND``)."""
+    """Mean next-frame loss per task (over scored frames, all ranks) over ``cfg.val_batches``
+    batches of the validation split, and the samples it skipped as bad (``val/skipped``,
+    ``val/skipped/KIND``). Every rank runs the same number of forwards (a ZeRO-3 forward gathers
+    parameters from all of them): a rank whose split ends first feeds the loader's placeholder
+    (weight 0) until every rank's has ended or ``val_batches`` are done."""
     engine.eval()
-    sums = torch.zeros(2, len(tasks), device=device)
+    sums = torch.zeros(2 + 2 * len(tasks), device=device)
     val_loader.reset()
+    batches = iter(val_loader)
     with torch.no_grad():
-        for batch in itertools.islice(val_loader, cfg.val_batches):  # reads no batch more
+        for _ in range(cfg.val_batches):
+            batch = next(batches, None)
+            more = torch.tensor(float(batch is not None), device=device)
+            if not dist.all_reduce(more, "max").item():  # every rank's split has ended
+                break
+            batch = batch if batch is not None else val_loader.placeholder()
             frames = batch["frames"].to(device).float().div_(255)
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                 pred = engine(frames.to(dist.input_dtype(engine)))
-            _, per_task = next_frame_loss(
+            out = next_frame_loss_sums(
                 pred,
                 frames,
                 batch["loss_mask"].to(device),
                 batch["pad_mask"].to(device),
                 batch["task_id"].to(device),
+                len(tasks),
             )
-            _add_task_losses(sums, per_task)
+            sums += torch.cat([out.total.reshape(1), out.count.reshape(1), out.tasks_2K.flatten()])
     engine.train()
-    sums = dist.all_reduce(sums, "sum")
-    out = {
-        f"val/loss/{t}": (sums[0, i] / sums[1, i]).item()
-        for i, t in enumerate(tasks)
-        if sums[1, i] > 0
-    }
-    if sums[1].sum() > 0:
-        out["val/loss"] = (sums[0].sum() / sums[1].sum()).item()
+    out = _losses(dist.all_reduce(sums, "sum"), tasks, "val")
     data = val_loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(device), op).cpu())
     out.update({f"val/{k[5:]}": v for k, v in data.items() if k.startswith("data/skipped")})
     return out
+
+
+def _losses(sums: torch.Tensor, tasks: list[str], prefix: str) -> dict[str, float]:
+    """``PREFIX/loss`` and ``PREFIX/loss/TASK`` from summed [loss, frames, per task (loss sums),
+    per task (frames)]: means over scored frames (none scored: left out)."""
+    total, count, *rest = sums.tolist()
+    out = {f"{prefix}/loss": total / count} if count > 0 else {}
+    k = len(tasks)
+    for t, loss, n in zip(tasks, rest[:k], rest[k:]):
+        if n > 0:
+            out[f"{prefix}/loss/{t}"] = loss / n
+    return out
+
+
+def _scored_frames(micro: list[dict]) -> torch.Tensor:
+    """The frames a step's micro-batches score (targets selected, not padding), from the host
+    masks: no device work, known before the first forward."""
+    n = sum(int(target_select(b["loss_mask"], b["pad_mask"]).sum()) for b in micro)
+    return torch.tensor(float(n))
+
+
+def _skip_reason(verdict: str, grad_norm, n_scored: torch.Tensor, sums: torch.Tensor) -> str:
+    """The warning for a skipped step (read from the device: skipped steps are rare)."""
+    if verdict == dist.SKIP_NONFINITE_GRAD:
+        loss = (sums[0] / sums[1].clamp(min=1)).item()  # this rank's
+        return (
+            f"non-finite gradients (norm {_as_float(grad_norm):g}) with a finite loss "
+            f"{loss:.4g}, update skipped"
+        )
+    if n_scored.item() == 0:
+        return "no frame to score in the step on any rank (every sample was bad), step skipped"
+    return "non-finite loss in a micro-batch (on this or another rank), step skipped"
+
+
+def _as_float(x) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if torch.is_tensor(x) else x)
 
 
 def prediction_sheet(
@@ -372,20 +413,14 @@ def _end_mlflow_run(metrics: MetricsLogger):
     return hook
 
 
-def _add_task_losses(sums_2K: torch.Tensor, per_task: dict[int, torch.Tensor]) -> None:
-    """Accumulate per-task mean losses (row 0) and how many batches had the task (row 1)."""
-    for tid, value in per_task.items():
-        sums_2K[0, tid] += value.float()
-        sums_2K[1, tid] += 1
-
-
 def every(step: int, n: int) -> bool:
     """True on every n-th step (never when n <= 0)."""
     return n > 0 and step % n == 0
 
 
 class _Window:
-    """Accumulates timing and losses between two log lines."""
+    """Accumulates timing and losses between two log lines, on the device: nothing is read to
+    the host before the log step."""
 
     def __init__(self):
         self.reset()
@@ -394,30 +429,28 @@ class _Window:
     def reset(self):
         self.time = self.frames = 0.0
         self.steps = 0
-        self.loss = 0.0
-        self.task_sums = None
-        self.grad_norm = float("nan")  # the last step's (dist.optimizer_step)
+        self.sums = None  # [loss, frames, per task (loss sums), per task (frames)], this rank
+        self.grad_norm = float("nan")  # the last step's (dist.optimizer_step): a tensor or float
 
-    def add(self, seconds, frames, loss, task_sums, grad_norm):
+    def add(self, seconds, frames, sums, grad_norm):
         self.grad_norm = grad_norm
         self.time += seconds
         self.frames += frames
         self.steps += 1
-        self.loss += float(loss)
-        self.task_sums = task_sums.clone() if self.task_sums is None else self.task_sums + task_sums
+        self.sums = sums if self.sums is None else self.sums + sums
 
     def flush(
         self, tasks, engine, sched, flops_frame, peak_flops, world, loader, state, tokens_per_frame
     ) -> dict:
-        task_sums = dist.all_reduce(self.task_sums.clone(), "sum")
-        loss = self.loss / max(1, self.steps)
+        losses = _losses(dist.all_reduce(self.sums.clone(), "sum"), tasks, "train")
+        loss = losses.pop("train/loss", float("nan"))
         self.last_loss = loss
         fps = self.frames / max(self.time, 1e-9)
         data = loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(dist.device()), op).cpu())
         rec = {
             "train/loss": loss,
             "train/lr": sched.get_last_lr()[0] if sched is not None else float("nan"),
-            "train/grad_norm": self.grad_norm,
+            "train/grad_norm": _as_float(self.grad_norm),
             "train/skipped_steps": state.skipped_steps,
             "train/samples": state.samples,
             "train/frames": state.frames,
@@ -427,13 +460,7 @@ class _Window:
             "data/wait_frac": data["data/wait_s"] / max(self.time, 1e-9),
             "mem/peak_gb": _peak_memory_gb(),
         }
-        rec.update(
-            {
-                f"train/loss/{t}": (task_sums[0, i] / task_sums[1, i]).item()
-                for i, t in enumerate(tasks)
-                if task_sums[1, i] > 0
-            }
-        )
+        rec.update(losses)
         if peak_flops > 0:
             rec["speed/mfu"] = fps * flops_frame / (peak_flops * world)
         rec.update(data)

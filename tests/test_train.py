@@ -247,7 +247,10 @@ def test_nan_losses_are_skipped_then_stop_with_a_clear_error(synthetic, mlflow_d
     # the skipped attempt has its own record at the step it attempted, before step 3 trains
     skip = [r for r in records if "train/loss" not in r and "train/skipped_steps" in r]
     assert [(r["step"], r["train/skipped_steps"]) for r in skip] == [(3, 1)]
-    assert "step 3: non-finite loss, step skipped (skipped steps 1/10)" in ok.stdout
+    assert (
+        "step 3: non-finite loss in a micro-batch (on this or another rank), step skipped "
+        "(skipped steps 1/10)"
+    ) in ok.stdout
     assert "step 6/6 | " in ok.stdout and "skipped samples 0 steps 1 |" in ok.stdout
     bad = run_train(
         tmp_path / "b",

@@ -258,7 +258,7 @@ class Loader:
         self._state = {"slot": meta["slot"], "counts": list(meta["counts"])}
         self._stats["served"] += np.asarray(meta["served"])
 
-    def _placeholder(self) -> dict:
+    def placeholder(self) -> dict:
         """One all-padding clip: no frame is a target, so its loss is 0 and its gradient too."""
         t, (h, w) = self.cfg.clip_frames, self.frame_size
         return {
@@ -364,7 +364,7 @@ class Batches:
             if batch is not None:
                 self._ready.append((_to_torch(batch, self._slots), meta))
             elif self.loader.world > 1:  # no good sample of this rank: keep the ranks in step
-                self._ready.append((self.loader._placeholder(), meta))
+                self._ready.append((self.loader.placeholder(), meta))
             # alone, nothing to hand out: the next batch's meta carries the state past this one
         return True
 

@@ -18,7 +18,7 @@ from evav.model.build import build_model, num_params
 from evav.model.config import PRESETS, ModelConfig
 from evav.model.flops import forward_flops_per_frame, train_flops_per_frame
 from evav.model.generate import generate, generate_recompute
-from evav.model.loss import ms_ssim, next_frame_loss
+from evav.model.loss import LossSums, ms_ssim, next_frame_loss, next_frame_loss_sums, target_select
 
 __all__ = [
     "PRESETS",
@@ -31,6 +31,9 @@ __all__ = [
     "generate_recompute",
     "ms_ssim",
     "next_frame_loss",
+    "next_frame_loss_sums",
+    "target_select",
+    "LossSums",
     "num_params",
     "train_flops_per_frame",
 ]

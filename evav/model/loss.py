@@ -4,6 +4,15 @@
     loss.backward()                     # mean over selected frames of L1 + 1 - MS-SSIM
     per_task[3]                         # the same mean over task 3's frames only (detached)
 
+    s = next_frame_loss_sums(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B, 4)
+    (s.total / n_global).backward()     # the trainer divides by the step's frame count, all ranks
+    s.tasks_2K                          # per task: loss sum (row 0, detached), frames (row 1)
+
+``next_frame_loss_sums`` is what training uses: sums, not means, so that a frame weighs the same
+wherever it lands (a micro-batch's mean would weigh each frame by its batch's composition), and
+no host synchronisation (no boolean indexing, no ``.item()``): every frame is scored and the
+unselected ones are masked out with ``torch.where`` (their gradient is exactly zero).
+
 ``pred[:, t]`` predicts frame ``t + 1``, so target frame ``t >= 1`` is scored against
 ``pred[:, t - 1]``; frame 0 is never a target. ``loss_mask[b, t]`` (True: supervise frame t, as
 in ``Clip.loss_mask``) and ``pad_mask[b, t]`` (True: padding, never scored) are over the clip's
@@ -19,6 +28,8 @@ give NaN).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +81,81 @@ def ms_ssim(
     return torch.prod(torch.stack(terms, dim=-1) ** weights, dim=-1)
 
 
+def _frame_loss(pred_NHWC: torch.Tensor, target_NHWC: torch.Tensor, window: int) -> torch.Tensor:
+    """L1 + 1 - MS-SSIM per frame (N,), fp32 frames in [0, 1]."""
+    l1_N = (pred_NHWC - target_NHWC).abs().mean(dim=(1, 2, 3))
+    ssim_N = ms_ssim(pred_NHWC.permute(0, 3, 1, 2), target_NHWC.permute(0, 3, 1, 2), window)
+    return l1_N + 1 - ssim_N
+
+
+def _check_shapes(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B) -> None:
+    if pred_BTHWC.shape != frames_BTHWC.shape or pred_BTHWC.ndim != 5:
+        raise ValueError(
+            f"pred {tuple(pred_BTHWC.shape)} and frames {tuple(frames_BTHWC.shape)} "
+            "must both be (B, T, H, W, C)"
+        )
+    B, T = pred_BTHWC.shape[:2]
+    for name, m in (("loss_mask", loss_mask_BT), ("pad_mask", pad_mask_BT)):
+        if m is not None and (m.shape != (B, T) or m.dtype != torch.bool):
+            raise ValueError(
+                f"{name} must be a ({B}, {T}) bool tensor, got {m.dtype} {tuple(m.shape)}"
+            )
+    if task_ids_B is not None and task_ids_B.shape != (B,):
+        raise ValueError(f"task_ids must be ({B},), got {tuple(task_ids_B.shape)}")
+
+
+def target_select(loss_mask_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
+    """(B, T-1) bool: which target frames (1..T-1) are scored; its sum is a batch's weight."""
+    select_BT = loss_mask_BT[:, 1:]
+    if pad_mask_BT is not None:
+        select_BT = select_BT & ~pad_mask_BT[:, 1:]
+    return select_BT
+
+
+class LossSums(NamedTuple):
+    total: torch.Tensor  # () fp32: sum over scored frames of L1 + 1 - MS-SSIM (differentiable)
+    count: torch.Tensor  # () fp32: frames scored
+    tasks_2K: torch.Tensor  # (2, K) fp32, detached: per task, loss sum and frames scored
+
+
+def next_frame_loss_sums(
+    pred_BTHWC: torch.Tensor,
+    frames_BTHWC: torch.Tensor,
+    loss_mask_BT: torch.Tensor,
+    pad_mask_BT: torch.Tensor | None,
+    task_ids_B: torch.Tensor,
+    num_tasks: int,
+    *,
+    window: int = 3,
+) -> LossSums:
+    """The loss as sums over the scored frames, for a caller that normalises them by a count of
+    its own (the trainer: all frames of a step, every rank). No host synchronisation. A frame not
+    scored adds exactly 0 to the sums and 0 to the gradient (``torch.where``, not a product: a
+    non-finite value there stays out of the loss and of the gradient)."""
+    _check_shapes(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B)
+    B, T = pred_BTHWC.shape[:2]
+    select_N = target_select(loss_mask_BT, pad_mask_BT).reshape(-1)
+    with torch.autocast(pred_BTHWC.device.type, enabled=False):
+        pred_NHWC = pred_BTHWC[:, :-1].float().flatten(0, 1)
+        target_NHWC = frames_BTHWC[:, 1:].flatten(0, 1)
+        target_NHWC = (
+            target_NHWC.float() / 255
+            if not target_NHWC.is_floating_point()
+            else target_NHWC.float()
+        )
+        # unscored frames are scored as the target against itself (masked before the loss, not
+        # after: a NaN there would make the gradient NaN through MS-SSIM), then dropped
+        keep_N111 = select_N[:, None, None, None]
+        pred_NHWC = torch.where(keep_N111, pred_NHWC, target_NHWC)
+        loss_N = torch.where(select_N, _frame_loss(pred_NHWC, target_NHWC, window), 0.0)
+    weight_N = select_N.float()
+    task_N = task_ids_B[:, None].expand(B, T - 1).reshape(-1)
+    tasks_2K = torch.zeros(2, num_tasks, device=loss_N.device)
+    tasks_2K[0].index_add_(0, task_N, loss_N.detach())
+    tasks_2K[1].index_add_(0, task_N, weight_N)
+    return LossSums(loss_N.sum(), weight_N.sum(), tasks_2K)
+
+
 def next_frame_loss(
     pred_BTHWC: torch.Tensor,
     frames_BTHWC: torch.Tensor,
@@ -84,22 +170,9 @@ def next_frame_loss(
     ``frames`` float in [0, 1] (uint8 is converted). With no frame selected the loss is a zero
     that still backpropagates, and the dict is empty.
     """
-    if pred_BTHWC.shape != frames_BTHWC.shape or pred_BTHWC.ndim != 5:
-        raise ValueError(
-            f"pred {tuple(pred_BTHWC.shape)} and frames {tuple(frames_BTHWC.shape)} "
-            "must both be (B, T, H, W, C)"
-        )
+    _check_shapes(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B)
     B, T = pred_BTHWC.shape[:2]
-    for name, m in (("loss_mask", loss_mask_BT), ("pad_mask", pad_mask_BT)):
-        if m is not None and (m.shape != (B, T) or m.dtype != torch.bool):
-            raise ValueError(
-                f"{name} must be a ({B}, {T}) bool tensor, got {m.dtype} {tuple(m.shape)}"
-            )
-    if task_ids_B is not None and task_ids_B.shape != (B,):
-        raise ValueError(f"task_ids must be ({B},), got {tuple(task_ids_B.shape)}")
-    select_BT = loss_mask_BT[:, 1:]
-    if pad_mask_BT is not None:
-        select_BT = select_BT & ~pad_mask_BT[:, 1:]
+    select_BT = target_select(loss_mask_BT, pad_mask_BT)
     with torch.autocast(pred_BTHWC.device.type, enabled=False):
         pred_NHWC = pred_BTHWC[:, :-1][select_BT].float()
         target_NHWC = frames_BTHWC[:, 1:][select_BT]
@@ -110,9 +183,7 @@ def next_frame_loss(
         )
         if pred_NHWC.shape[0] == 0:
             return pred_BTHWC.sum() * 0.0, {}
-        l1_N = (pred_NHWC - target_NHWC).abs().mean(dim=(1, 2, 3))
-        ssim_N = ms_ssim(pred_NHWC.permute(0, 3, 1, 2), target_NHWC.permute(0, 3, 1, 2), window)
-        loss_N = l1_N + 1 - ssim_N
+        loss_N = _frame_loss(pred_NHWC, target_NHWC, window)
     per_task: dict[int, torch.Tensor] = {}
     if task_ids_B is not None:
         task_N = task_ids_B.to(select_BT.device)[:, None].expand(B, T - 1)[select_BT]
