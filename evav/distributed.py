@@ -15,6 +15,7 @@ import math
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,11 @@ def deepspeed_config(
             },
         },
     }
+    if engine.precision == "bf16" and engine.zero_stage >= 1:
+        # gradients accumulate in fp32 across micro-batches (ZeRO 1: DeepSpeed's BF16_Optimizer,
+        # 2-3: the partitions' fp32 buffers); DeepSpeed 0.19 refuses fp32 accumulation for bf16
+        # at ZeRO 0 (NotImplementedError), where it stays bf16 (train.py warns when it matters)
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
     torch_adam = engine.torch_adam
     if torch_adam is None:
         torch_adam = not torch.cuda.is_available() and not engine.offload_optimizer
@@ -196,6 +202,87 @@ def lr_lambda(optim: OptimConfig, total_steps: int):
     return f
 
 
+def decay_split(items: list[tuple[Any, tuple[int, ...]]]) -> tuple[list, list]:
+    """``(with weight decay, without)`` of ``(item, full shape)`` pairs, each in the given
+    order: matrices (2 or more dimensions) decay, vectors (biases, norm scales) do not. The
+    engine's two param groups (``build_engine``), and the order in which DeepSpeed's ZeRO-0 bf16
+    wrapper flattens its fp32 master copies (``consolidated_state_dict``)."""
+    decay = [x for x, shape in items if len(shape) >= 2]
+    no_decay = [x for x, shape in items if len(shape) < 2]
+    return decay, no_decay
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also when ZeRO-3 holds only this rank's partition of it."""
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def build_model(
+    make: Callable[[], torch.nn.Module],
+    engine: EngineConfig,
+    optim: OptimConfig,
+    micro_batch: int,
+    total_steps: int,
+    world_size: int,
+    seed: int,
+) -> torch.nn.Module:
+    """``make()``'s model with the same initial weights on every rank, by construction; under
+    ZeRO-3 built partitioned (``deepspeed.zero.Init``), never whole on one rank.
+
+    ``make`` runs with torch's generators (CPU and this process's GPU) seeded with ``seed``, the
+    same on every rank, and the caller's states (the rank-dependent seeds everything after uses)
+    are restored afterwards. Nothing relies on DeepSpeed's broadcast of rank 0's weights.
+
+    ZeRO-3: each parameter is cut into its rank's partition as soon as its module is built
+    (``zero.Init`` with this run's DeepSpeed config, so in the engine's dtype), so a model larger
+    than one rank's memory can be built. The model's own initialisation, which ran on empty
+    partitions there, is then done again module by module: ``model.init_module(m)`` for every
+    module in ``model.modules()`` order (evav.model.NextFrameModel: what its ``init_weights``
+    does) with that module's own parameters gathered whole, in fp32 (the draws and values of an
+    fp32 build, then rounded to the engine's dtype as DeepSpeed rounds a whole model), and
+    re-partitioned. At most one module's parameters are whole at a time. The sequence of draws is
+    the same as a build without ZeRO-3, but the values agree with it only when the construction
+    draws the same (the default init ``make`` overwrites ran on ``zero.Init``'s tensors: in the
+    engine's dtype, on the GPU when there is one).
+    """
+    import deepspeed
+
+    gpu = torch.cuda.is_available()
+    saved = torch.get_rng_state(), torch.cuda.get_rng_state() if gpu else None
+    try:
+        torch.random.default_generator.manual_seed(seed)
+        if gpu:
+            torch.cuda.manual_seed(seed)
+        if engine.zero_stage != 3:
+            return make()
+        ds = deepspeed_config(engine, optim, micro_batch, world_size)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = make()
+        init_module = getattr(model, "init_module", None)
+        if init_module is None:
+            raise TypeError(
+                f"{type(model).__name__} has no init_module(m): its initialisation cannot be "
+                "redone on ZeRO-3 partitions"
+            )
+        for m in model.modules():
+            own = list(m.parameters(recurse=False))
+            if not own:
+                continue
+            with deepspeed.zero.GatheredParameters(own, modifier_rank=0):
+                whole = [p.data for p in own]
+                for p in own:
+                    p.data = p.data.float()
+                init_module(m)
+                for p, w in zip(own, whole):
+                    w.copy_(p.data)
+                    p.data = w
+        return model
+    finally:
+        torch.set_rng_state(saved[0])
+        if gpu:
+            torch.cuda.set_rng_state(saved[1])
+
+
 def build_engine(
     model: torch.nn.Module,
     engine: EngineConfig,
@@ -210,8 +297,7 @@ def build_engine(
     ds = deepspeed_config(engine, optim, micro_batch, world_size)
     if not ds["optimizer"]["params"].get("torch_adam"):
         _arch_list_for_jit()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay, no_decay = decay_split([(p, _full_shape(p)) for p in model.parameters()])
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     eng, _, _, sched = deepspeed.initialize(
         model=model,
@@ -590,16 +676,35 @@ def destroy() -> None:
 
 
 def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 model weights of an engine checkpoint ``directory/tag``, any ZeRO stage.
+    """The fp32 master weights of an engine checkpoint ``directory/tag`` (what the optimizer
+    updates, not the module's bf16 copy), whole, for any ZeRO stage and precision.
 
-    Works in a single process without a process group (evaluation, export): ZeRO 1/2/3 shards
-    are merged from the fp32 master copies in the optimizer files; a stage-0 fp32 checkpoint has
-    the whole module in ``mp_rank_00_model_states.pt``.
+    Works in a single process without a process group (evaluation, export). Where DeepSpeed 0.19
+    keeps them:
+
+    - ZeRO 1/2/3 (fp32 or bf16): each rank's flat fp32 partitions in its
+      ``*_optim_states.pt``, merged by DeepSpeed's ``zero_to_fp32``;
+    - ZeRO 1, bf16: DeepSpeed wraps it in its ``BF16_Optimizer`` (bf16 weights, fp32
+      gradient accumulation), whose shards (``bf16_zero_pp_rank_*_optim_states.pt``, the name
+      ZeRO 2/3 use with bf16 too, so the content tells them apart) ``zero_to_fp32`` refuses
+      ("not a zero checkpoint"): merged here the same way (``_bf16_zero_masters``);
+    - ZeRO 0, bf16: ``mp_rank_00_model_states.pt`` holds the module in bf16 and the state of
+      DeepSpeed's wrapper for bf16 without ZeRO, with the fp32 copies per param group:
+      ``FP16_Optimizer`` (with its fused Adam, on a GPU) one flat tensor per group,
+      ``fp32_groups_flat``; ``FP16_UnfusedOptimizer`` (any other optimizer: torch's AdamW on
+      CPU) one tensor per parameter, ``fp32_groups``. They are matched back to the module's
+      parameter names in the order the engine's groups were built (``decay_split``), every
+      shape checked;
+    - ZeRO 0, fp32: the module itself in ``mp_rank_00_model_states.pt`` (its parameters are the
+      ones the optimizer updates).
     """
     ckpt = Path(directory) / tag
     if not ckpt.is_dir():
         raise FileNotFoundError(f"{ckpt}: no engine checkpoint here")
-    if any(ckpt.glob("*optim_states.pt")):
+    shards = sorted(ckpt.glob("*optim_states.pt"))
+    if shards and _is_bf16_optimizer(shards[0]):
+        sd = _bf16_zero_masters(ckpt)
+    elif shards:
         import io
 
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -612,5 +717,94 @@ def consolidated_state_dict(directory: Path, tag: str) -> dict[str, torch.Tensor
         if not states.is_file():
             raise FileNotFoundError(f"{ckpt}: neither ZeRO optimizer shards nor {states.name}")
         with weights_only_loads():
-            sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
+            saved = torch.load(states, map_location="cpu", weights_only=True)
+        sd = saved["module"]
+        opt = saved.get("optimizer") or {}
+        masters = opt.get("fp32_groups_flat", opt.get("fp32_groups"))
+        if masters is not None:
+            buffers = set(saved.get("buffer_names") or ())
+            sd = {**sd, **_unflatten_masters(sd, buffers, masters, ckpt)}
+        elif any(v.is_floating_point() and v.dtype != torch.float32 for v in sd.values()):
+            log.warning("%s: no fp32 master copy saved; its low-precision weights are used", states)
     return {k: v.float().contiguous() for k, v in sd.items()}
+
+
+def _is_bf16_optimizer(shard: Path) -> bool:
+    """Whether ``shard`` is a ``BF16_Optimizer`` one (ZeRO 1 with bf16): it records no ZeRO
+    stage, as every ZeRO optimizer's does. Memory-mapped: only the keys are read."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT, ZERO_STAGE
+
+    with weights_only_loads():
+        sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+    return ZERO_STAGE not in sd[OPTIMIZER_STATE_DICT]
+
+
+def _bf16_zero_masters(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The fp32 masters (and buffers) of a ``BF16_Optimizer`` checkpoint (ZeRO 1 with bf16):
+    per param group, every rank's ``single_partition_of_fp32_groups`` concatenated in rank order
+    is the group's parameters back to back (``param_shapes`` in the model states, in the
+    group's order) and the alignment padding at the end (``group_paddings``, checked)."""
+    from deepspeed.checkpoint.constants import (
+        GROUP_PADDINGS,
+        OPTIMIZER_STATE_DICT,
+        PARTITION_COUNT,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
+
+    states = ckpt / "mp_rank_00_model_states.pt"
+    files = sorted(
+        ckpt.glob("bf16_zero_pp_rank_*_optim_states.pt"),
+        key=lambda f: int(re.search(r"pp_rank_(\d+)_", f.name).group(1)),
+    )
+    with weights_only_loads():
+        model = torch.load(states, map_location="cpu", weights_only=True)
+        shards = [
+            torch.load(f, map_location="cpu", weights_only=True)[OPTIMIZER_STATE_DICT]
+            for f in files
+        ]
+    counts = [c for s in shards for c in torch.tensor(s[PARTITION_COUNT]).reshape(-1).tolist()]
+    if any(c != len(files) for c in counts):  # one count per param group
+        raise ValueError(f"{ckpt}: {len(files)} optimizer shards, saved by a different number")
+    buffers = set(model.get("buffer_names") or ())
+    out = {k: v for k, v in model["module"].items() if k in buffers}
+    for i, shapes in enumerate(model["param_shapes"]):
+        full = torch.cat([s[SINGLE_PARTITION_OF_FP32_GROUPS][i] for s in shards])
+        sizes = [math.prod(shape) for shape in shapes.values()]
+        padding = sum(s[GROUP_PADDINGS][i] for s in shards)
+        if sum(sizes) + padding != full.numel():
+            raise ValueError(
+                f"{ckpt}: fp32 master group {i} holds {full.numel()} values, its parameters "
+                f"{sum(sizes)} and padding {padding}"
+            )
+        for (name, shape), piece in zip(shapes.items(), full[: sum(sizes)].split(sizes)):
+            out[name] = piece.view(tuple(shape)).clone()
+    return out
+
+
+def _unflatten_masters(
+    module: dict[str, torch.Tensor], buffers: set[str], masters: list, where: Path
+) -> dict[str, torch.Tensor]:
+    """The parameters of ``module`` (a saved state dict) from the ZeRO-0 wrapper's fp32 groups,
+    in ``build_engine``'s group order (DeepSpeed drops a group without parameters): each group
+    one flat tensor, its parameters concatenated, or a list of one tensor per parameter."""
+    params = [(k, tuple(v.shape)) for k, v in module.items() if k not in buffers]
+    groups = [g for g in decay_split([(item, item[1]) for item in params]) if g]
+    if len(groups) != len(masters):
+        raise ValueError(
+            f"{where}: {len(masters)} fp32 master groups, the module makes {len(groups)}"
+        )
+    out = {}
+    for group, master in zip(groups, masters):
+        sizes = [math.prod(shape) for _, shape in group]
+        if torch.is_tensor(master):
+            if sum(sizes) != master.numel():
+                raise ValueError(
+                    f"{where}: an fp32 master group of {master.numel()} values, its "
+                    f"parameters hold {sum(sizes)}"
+                )
+            master = master.detach().split(sizes)
+        if [t.numel() for t in master] != sizes:
+            raise ValueError(f"{where}: the fp32 master copies do not fit the module's shapes")
+        for (name, shape), piece in zip(group, master):
+            out[name] = piece.detach().reshape(shape).clone()
+    return out

@@ -160,7 +160,15 @@ def train(cfg: TrainConfig) -> dict:
                 f"model.height/width {cfg.model.height}x{cfg.model.width} do not match "
                 f"the data's frames {loader.frame_size[0]}x{loader.frame_size[1]}"
             )
-        model = build_model(cfg.model)
+        model = dist.build_model(  # the same weights on every rank; ZeRO-3: partitioned
+            lambda: build_model(cfg.model),
+            cfg.engine,
+            cfg.optim,
+            cfg.micro_batch,
+            cfg.steps,
+            denv.world_size,
+            cfg.seed,
+        )
         mcfg = cfg.model.resolved()
         flops_frame = train_flops_per_frame(mcfg, cfg.data.clip_frames)
         tokens_per_frame = (mcfg.height // mcfg.patch_size) * (mcfg.width // mcfg.patch_size)
@@ -168,6 +176,14 @@ def train(cfg: TrainConfig) -> dict:
             model, cfg.engine, cfg.optim, cfg.micro_batch, cfg.steps, denv.world_size
         )
         amp = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
+        gas = cfg.engine.grad_accum_steps  # as the resume plan left it
+        if amp == torch.bfloat16 and cfg.engine.zero_stage == 0 and gas > 1 and denv.is_main:
+            log.warning(
+                "bf16 at ZeRO 0 accumulates the gradients of the %d micro-batches in bf16 "
+                "(DeepSpeed has no fp32 accumulation there); engine.zero_stage=1 accumulates "
+                "in fp32 (one rank: the same memory)",
+                gas,
+            )
 
         # -- resume ----------------------------------------------------------------------
         if last is not None:
@@ -196,7 +212,6 @@ def train(cfg: TrainConfig) -> dict:
         batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
         step, attempt = state.step, 0
-        gas = cfg.engine.grad_accum_steps
         waited_s = _wait_for_data(batches, step, cfg)
         if step < cfg.steps and dist.host_any(preempt.requested):
             # preempted before this process trained a step: its resume point is unchanged

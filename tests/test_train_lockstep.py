@@ -175,3 +175,43 @@ def test_nan_inside_the_forward_of_one_ranks_micro_batch_skips_the_step_on_both(
         with torch.serialization.safe_globals(dist.engine_safe_globals()):
             sd = torch.load(f, map_location="cpu", weights_only=True)["module"]
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+ACCUM_PROBE = """
+import os, sys, torch
+from evav import distributed as dist
+from evav.model import ModelConfig, build_model
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT=sys.argv[2])
+cfg = dist.EngineConfig(zero_stage=int(sys.argv[1]), precision="bf16", grad_accum_steps=2)
+dist.init(cfg)
+mcfg = ModelConfig(preset="debug", height=16, width=16)
+engine, _ = dist.build_engine(build_model(mcfg), cfg, dist.OptimConfig(), 1, 10, 1)
+x = torch.rand(1, 3, 16, 16, 3).bfloat16()
+for i in range(2):
+    engine.backward(engine(x).float().mean())
+    engine.step()
+print("DTYPES", *engine.get_data_types(), type(engine.optimizer).__name__, engine.global_steps)
+"""
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32_by_default(stage):
+    """Under bf16 the gradients of the micro-batches of a step add up in fp32 at ZeRO 1-3
+    (DeepSpeed refuses the mix at ZeRO 0): the engine DeepSpeed builds from evav's config says
+    so, and at ZeRO 1 it is DeepSpeed's BF16_Optimizer (fp32 gradient buffers); an
+    accumulated step runs."""
+    done = subprocess.run(
+        [sys.executable, "-c", ACCUM_PROBE, str(stage), str(free_port())],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith("DTYPES"))
+    _, model_dtype, accum_dtype, optimizer, steps = line.split()
+    assert (model_dtype, accum_dtype, steps) == ("torch.bfloat16", "torch.float32", "1")
+    if stage == 1:
+        assert optimizer == "BF16_Optimizer"

@@ -3,7 +3,9 @@
     python tools/export.py runs/fsdd --out exports/fsdd            # the newest verified checkpoint
     python tools/export.py runs/fsdd/checkpoints/step_00001000 --out exports/fsdd-1000
 
-The export directory holds ``model.safetensors`` (fp32), ``config.yaml`` (the resolved training
+The export directory holds ``model.safetensors`` (the fp32 master weights the optimizer updated,
+exactly, for every ZeRO stage and precision: never a bf16 module's rounded copy; see
+``evav.distributed.consolidated_state_dict``), ``config.yaml`` (the resolved training
 config), ``render_spec.yaml`` (when the training data's manifest is readable) and
 ``export.json`` (step, RenderSpec hash, MLflow run id and tracking URI, source checkpoint).
 ``evav eval`` and ``evav generate`` load it without DeepSpeed or the run directory. The

@@ -52,16 +52,27 @@ class NextFrameModel(nn.Module):
     def init_weights(self) -> None:
         """Set every parameter: linear weights N(0, init_std) truncated at 3 std (residual output
         projections scaled by 1/sqrt(2 * blocks), GPT-2 style), the patch position embedding
-        N(0, init_std) truncated, biases 0, norm scales 1."""
+        N(0, init_std) truncated, biases 0, norm scales 1: ``init_module`` on every module, in
+        ``self.modules()`` order."""
+        for m in self.modules():
+            self.init_module(m)
+
+    @torch.no_grad()
+    def init_module(self, m: nn.Module) -> None:
+        """Set the parameters ``m`` owns itself (not its children's), as ``init_weights`` does.
+
+        A caller whose parameters live elsewhere (ZeRO-3 partitions them across ranks:
+        ``evav.distributed.build_model``) makes each module's own parameters whole around this
+        call, one module at a time, in ``self.modules()`` order: the same random draws as
+        ``init_weights``."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * max(self.cfg.num_blocks, 1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                s = out_std if getattr(m, "is_residual_out", False) else std
-                nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.RMSNorm):
-                nn.init.ones_(m.weight)
-            elif isinstance(m, PatchEmbed):
-                nn.init.trunc_normal_(m.pos_PD, std=std, a=-3 * std, b=3 * std)
+        if isinstance(m, nn.Linear):
+            s = out_std if getattr(m, "is_residual_out", False) else std
+            nn.init.trunc_normal_(m.weight, std=s, a=-3 * s, b=3 * s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.RMSNorm):
+            nn.init.ones_(m.weight)
+        elif isinstance(m, PatchEmbed):
+            nn.init.trunc_normal_(m.pos_PD, std=std, a=-3 * std, b=3 * std)
