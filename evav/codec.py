@@ -3,6 +3,9 @@
     from evav.codec import CodecSpec, encode_clip, decode_clip
     data = encode_clip(frames_THWC, CodecSpec.parse("ffv1"))   # bytes of an .mp4
     frames = decode_clip(data)                                  # decord, PyAV fallback
+    frames = decode_clip(data, "pyav")                          # PyAV only
+
+decord is an optional extra (``pip install 'evav[decord]'``); PyAV is always installed.
 
 A codec is ``CODEC:PIX_FMT[:crf=N|qp=N]`` (e.g. ``libx264:yuv420p:crf=18``) or one of the named
 presets in ``PRESETS``. Defaults were chosen by measurement (``tools/bench_codec.py``,
@@ -24,6 +27,7 @@ reproducible in content, not in bytes.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 from dataclasses import dataclass
 
@@ -188,12 +192,31 @@ def decode_clip_pyav(
     return np.stack(frames)
 
 
+# decord is an optional extra (no wheels for some platforms): PyAV is always installed.
+DECORD_EXTRA = "pip install 'evav[decord]'"
+
+
+def have_decord() -> bool:
+    """Whether the optional decord package is installed (found, not imported: importing it in
+    the parent before the loader forks its workers is left to the workers)."""
+    try:
+        return importlib.util.find_spec("decord") is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules / sys.path
+        return False
+
+
 def decode_clip_decord(
     data: bytes, max_frames: int | None = None, frame_hw: tuple[int, int] | None = None
 ) -> np.ndarray:
     """mp4 bytes -> ``(T, H, W, 3)`` uint8 with decord (decodes FFV1, x264 and x264rgb too);
-    ``max_frames`` / ``frame_hw`` as in ``decode_clip_pyav``, checked before decoding."""
-    import decord
+    ``max_frames`` / ``frame_hw`` as in ``decode_clip_pyav``, checked before decoding.
+    ImportError (not ValueError, so never taken for a bad clip) when decord is not installed."""
+    try:
+        import decord
+    except ImportError as e:
+        raise ImportError(
+            f"decoding with decord needs the decord package: {DECORD_EXTRA} (or decode with PyAV)"
+        ) from e
 
     try:
         vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
@@ -218,8 +241,9 @@ def decode_clip(
     max_frames: int | None = None,
     frame_hw: tuple[int, int] | None = None,
 ) -> np.ndarray:
-    """mp4 bytes -> frames with ``backend`` (``decord``, falling back to PyAV; or ``pyav``);
-    ``max_frames`` / ``frame_hw``: refuse clips longer or of another size (see above)."""
+    """mp4 bytes -> frames with ``backend`` (``decord``, falling back to PyAV on a clip decord
+    cannot decode; or ``pyav``); ``max_frames`` / ``frame_hw``: refuse clips longer or of another
+    size (see above). ``decord`` without the decord package raises ImportError: no fallback."""
     if backend == "pyav":
         return decode_clip_pyav(data, max_frames, frame_hw)
     if backend != "decord":

@@ -27,11 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evav.codec import (  # noqa: E402
+    DECORD_EXTRA,
     PRESETS,
     CodecSpec,
     decode_clip_decord,
     decode_clip_pyav,
     encode_clip,
+    have_decord,
 )
 from evav.frames import (  # noqa: E402
     RenderSpec,
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    if not have_decord():  # the table compares both decoders
+        sys.exit(f"bench_codec: measuring decord needs the decord package: {DECORD_EXTRA}")
     torch.set_num_threads(1)
     spec = RenderSpec()
     data = make_clips(datasets_root(), args.clips, spec)

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evav.cli import main as evav_main  # noqa: E402
+from evav.codec import DECORD_EXTRA, have_decord  # noqa: E402
 from evav.data import DataConfig, Loader  # noqa: E402
 from evav.data.clips import decode  # noqa: E402
 from evav.manifest import load_manifest  # noqa: E402
@@ -178,4 +179,6 @@ if __name__ == "__main__":
     p.add_argument("--keep", type=Path, help="build the shards into DIR and keep them")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell (the table: medians)")
     a = p.parse_args()
+    if not have_decord():  # the table compares both decoders
+        sys.exit(f"bench_loader: measuring decord needs the decord package: {DECORD_EXTRA}")
     print(run(a.datasets, a.seconds, a.out, a.shards, a.keep, a.repeats))

@@ -12,7 +12,9 @@ Decoders (``DataConfig.decoder``), both through ``evav.codec.decode_clip``:
 - ``pyav`` (default): PyAV with FFmpeg's error log captured, so a corrupt clip is detected.
 - ``decord``: faster on FFV1, PyAV as fallback when it raises. For trusted shards only: decord
   conceals CRC errors and, on some corrupt mp4 headers, crashes the process (segfault), which no
-  ``try`` can catch (measured, see docs/benchmarks.md, loader section).
+  ``try`` can catch (measured, see docs/benchmarks.md, loader section). An optional extra
+  (``pip install 'evav[decord]'``): ``check_decoder`` refuses it, before any sample is read,
+  when it is not installed, and a missing package is never taken for a bad sample.
 """
 
 from __future__ import annotations
@@ -22,11 +24,23 @@ from dataclasses import asdict, dataclass
 import av.logging
 import numpy as np
 
-from evav.codec import ClipShapeError, decode_clip
+from evav.codec import DECORD_EXTRA, ClipShapeError, decode_clip, have_decord
 from evav.data.order import rng
 from evav.manifest import SampleMeta, clip_checksum, parse_sample_meta
 
 DECODERS = ("pyav", "decord")
+
+
+def check_decoder(decoder: str) -> str | None:
+    """Why ``data.decoder`` cannot be used here (one line naming the key and the fix), or None."""
+    if decoder not in DECODERS:
+        return f"data.decoder must be one of {DECODERS}, got {decoder!r}"
+    if decoder == "decord" and not have_decord():
+        return (
+            f"data.decoder=decord needs the decord package: {DECORD_EXTRA} (or data.decoder=pyav)"
+        )
+    return None
+
 
 # Why a sample was skipped: the fixed vocabulary of ``BadSample.kind`` (and of the loader's
 # ``data/skipped/KIND`` metrics, which need one fixed set to be summed over ranks).
@@ -79,6 +93,8 @@ def decode(
             return decode_clip(data, "decord", max_frames, frame_hw)
         except ClipShapeError as e:
             raise BadSample(str(e), e.kind) from None
+        except ImportError:  # decord not installed: the install's problem, not this sample's
+            raise
         except Exception as e:  # noqa: BLE001 - any decoder failure is this sample's
             raise BadSample(_why(e), "decode") from None
     old = av.logging.get_level()

@@ -52,7 +52,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from evav.data.clips import DECODERS, REASONS, BadSample, Sample, make_sample
+from evav.config import ConfigError
+from evav.data.clips import REASONS, BadSample, Sample, check_decoder, make_sample
 from evav.data.handoff import FrameSlots
 from evav.data.order import DatasetOrder, mix_choices
 from evav.data.shards import ShardReader, shard_paths
@@ -73,7 +74,8 @@ class DataConfig:
     pad_to: Literal["longest", "clip_frames"] = "longest"  # batch length (clip_frames: one shape)
     num_workers: int = 0  # DataLoader worker processes per rank
     window: int = 4  # shards whose samples are shuffled together
-    decoder: Literal["pyav", "decord"] = "pyav"  # decord: faster, trusted shards only (clips.py)
+    # decord: faster, trusted shards only (clips.py); needs the extra: pip install 'evav[decord]'
+    decoder: Literal["pyav", "decord"] = "pyav"
     pin_workers: bool = False  # pin DataLoader worker w to CPU core w (mod the cores allowed)
     val_split: str = "val"  # split used for periodic validation (if the datasets have it)
     # stop (DataExhaustedError) after this many bad samples in a row on a rank (0: never): an
@@ -105,8 +107,9 @@ class Loader:
             raise ValueError(
                 f"data.weights has {len(cfg.weights)} entries for {len(cfg.train)} directories"
             )
-        if cfg.decoder not in DECODERS:
-            raise ValueError(f"data.decoder must be one of {DECODERS}, got {cfg.decoder!r}")
+        why = check_decoder(cfg.decoder)  # decord is an optional extra: refused here, once
+        if why:
+            raise ConfigError(why)
         if cfg.pad_to not in ("longest", "clip_frames"):
             raise ValueError(f"data.pad_to must be 'longest' or 'clip_frames', got {cfg.pad_to!r}")
         if cfg.mix_by not in ("samples", "frames"):
@@ -560,6 +563,8 @@ class _Stream(torch.utils.data.IterableDataset):
             return sample, None
         except BadSample as e:
             kind, why = e.kind, str(e)
+        except ImportError:  # a package not installed (decord) is the install's, no sample's
+            raise
         except Exception as e:  # noqa: BLE001 - whatever one sample raises is that sample's
             # (KeyboardInterrupt and SystemExit are no Exception: they still stop the run)
             kind, why = stage, f"{type(e).__name__}: {_clip(str(e), 300)}"

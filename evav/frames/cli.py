@@ -137,7 +137,12 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def tokenizer_main(args: argparse.Namespace) -> int:
-    import sentencepiece as spm
+    from evav.frames.text import import_sentencepiece
+
+    try:
+        spm = import_sentencepiece("evav tokenizer")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     src, out = Path(args.input), Path(args.out)
     if not src.is_file() or src.stat().st_size == 0:

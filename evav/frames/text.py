@@ -2,7 +2,8 @@
 
 Tokens are word-level by default (runs of letters/digits, and each punctuation mark alone), or
 SentencePiece pieces when ``RenderSpec.tokenizer`` names a model (train one with
-``evav tokenizer train``). The font size follows the paper: ``min(W * 1.65 / len(token), W)``
+``evav tokenizer train``; both need the optional extra ``pip install 'evav[sentencepiece]'``,
+and say so when it is missing). The font size follows the paper: ``min(W * 1.65 / len(token), W)``
 for a font whose advance is 0.6 em, so a token spans ~99% of the frame width. Tokens longer than
 ``max_token_chars`` are cut into pieces first, so no glyph shrinks below ``W * 1.65 /
 max_token_chars`` pixels (about 6.6 px at 64x64) and stays legible and distinct.
@@ -147,6 +148,18 @@ def _merge(ranges) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in out]
 
 
+SENTENCEPIECE_EXTRA = "pip install 'evav[sentencepiece]'"
+
+
+def import_sentencepiece(what: str):
+    """The sentencepiece module (an optional extra), or ValueError naming ``what`` needs it."""
+    try:
+        import sentencepiece
+    except ImportError:
+        raise ValueError(f"{what} needs the sentencepiece package: {SENTENCEPIECE_EXTRA}") from None
+    return sentencepiece
+
+
 class TextRenderer:
     """Renders tokens to ``(H, W, 3)`` uint8 frames for one RenderSpec, with a glyph cache."""
 
@@ -164,8 +177,7 @@ class TextRenderer:
         self._coverage = FontCoverage.of(font)
         self._ascii_drawable = all(ord(c) in self._coverage for c in map(chr, range(33, 127)))
         if self.spec.tokenizer:
-            import sentencepiece as spm
-
+            spm = import_sentencepiece(f"tokenizer={self.spec.tokenizer}")
             try:
                 self._sp = spm.SentencePieceProcessor(model_file=self.spec.tokenizer)
             except (OSError, RuntimeError) as e:
