@@ -27,8 +27,8 @@ directory without a marker: never resumed from, removed by the next save. DeepSp
 ``latest`` file is neither written nor trusted. The step has no width limit (8 digits are only
 the zero padding of the name; steps are compared as numbers).
 
-Resuming (``resume``, every rank): newest committed checkpoint first, each rank checks its share
-of the files against the marker (sizes first, then sha256; a file under ``engine/`` that the
+Resuming (``find_resume`` then ``load_engine``, every rank): newest committed checkpoint first,
+each rank checks its share of the files against the marker (sizes first, then sha256; a file under ``engine/`` that the
 marker does not list fails too, since DeepSpeed globs that folder) and every rank gets the same
 verdict. A checkpoint that fails is reported (the file and the reason), set aside (renamed
 ``step_N.bad-REASON-TIME`` by rank 0, never deleted) and the previous one is tried. When none is
@@ -282,7 +282,10 @@ def _header(path: Path) -> Verdict | tuple[str, list[dict]]:
         return Verdict(False, reason=f"{MARKER}: not valid JSON ({e})", slug="marker")
 
 
-def _entries(files: Any) -> list[dict]:
+def _entries(files: Any, whole_checkpoint: bool = True) -> list[dict]:
+    """A marker's ``files``, each checked (path inside the directory, size, sha256, listed once);
+    ``whole_checkpoint``: it must list the train state and an engine file (not so for a
+    universal conversion's own marker)."""
     if not isinstance(files, list):
         raise _Failure("marker", f"{MARKER}: 'files' is not a list")
     seen = set()
@@ -312,7 +315,9 @@ def _entries(files: Any) -> list[dict]:
         if e["path"] in seen:
             raise _Failure("marker", f"{MARKER}: {e['path']} is listed twice")
         seen.add(e["path"])
-    if TRAIN_STATE not in seen or not any(p.startswith(ENGINE + "/") for p in seen):
+    if whole_checkpoint and (
+        TRAIN_STATE not in seen or not any(p.startswith(ENGINE + "/") for p in seen)
+    ):
         raise _Failure("marker", f"{MARKER}: lists no {TRAIN_STATE} or no {ENGINE}/ file")
     return files
 
@@ -565,19 +570,6 @@ def _set_aside(path: Path, v: Verdict) -> Path:
 # -- resume ----------------------------------------------------------------------------------
 
 
-def resume(
-    engine, run_dir: str | Path, denv: dist.DistEnv
-) -> tuple[Path | None, TrainState | None]:
-    """Load the newest checkpoint that verifies into ``engine``; (path, train state), or
-    (None, None) for a run without checkpoints. Every rank calls this: ``find_resume`` then
-    ``load_engine``.
-    """
-    path, state = find_resume(run_dir, denv)
-    if path is not None:
-        load_engine(engine, path)
-    return path, state
-
-
 def find_resume(run_dir: str | Path, denv: dist.DistEnv) -> tuple[Path | None, TrainState | None]:
     """The checkpoint a resume continues and its train state, before any engine exists (the
     resume contract is checked against it first); (None, None) for a run without checkpoints.
@@ -670,7 +662,7 @@ def load_engine(engine, path: Path) -> None:
     A ZeRO 1-3 checkpoint written by another number of ranks is loaded from its universal
     conversion (``universal``: made once, reused)."""
     saved_world, stage = saved_layout(path)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = dist.world_size()
     source = path / ENGINE
     try:
         if stage > 0 and saved_world != world:
@@ -722,7 +714,7 @@ def universal(path: Path, world: int, saved_world: int, stage: int) -> Path:
     long it took; CheckpointError when DeepSpeed cannot convert it."""
     out = path / UNIVERSAL
     problem = None
-    if _is_main():
+    if dist.rank() == 0:
         try:
             problem = _make_universal(path, world, saved_world, stage)
         except Exception as e:  # every rank must hear of it, not wait at the barrier
@@ -731,10 +723,6 @@ def universal(path: Path, world: int, saved_world: int, stage: int) -> Path:
     if problem:
         raise CheckpointError(path / ENGINE, problem)
     return out / ENGINE
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _make_universal(path: Path, world: int, saved_world: int, stage: int) -> str:
@@ -788,9 +776,11 @@ def verify_universal(out: Path) -> Verdict:
         return cached
     try:
         text = (out / MARKER).read_text()
-        files = json.loads(text)["files"]
-        entries = [(i, e) for i, e in enumerate(files)]
+        files = _entries(json.loads(text)["files"], whole_checkpoint=False)
+        entries = list(enumerate(files))
         listed = {e["path"] for e in files}
+    except _Failure as f:
+        return Verdict(False, reason=f.reason, slug=f.slug)
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         return Verdict(False, reason=f"{MARKER}: unreadable ({describe_error(e)})", slug="marker")
     for rel in _list_files(out):

@@ -347,6 +347,16 @@ def jit_arch_list(given: str, capability: tuple[int, int]) -> str:
     return given if fixed == entries else ";".join(dict.fromkeys(fixed))
 
 
+def rank() -> int:
+    """This process's rank in the process group (0 when there is none)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The process group's size (1 when there is none)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -461,12 +471,6 @@ def _skip_step(engine) -> None:
     engine._step_applied = False  # what was_step_applied() reports
 
 
-def _as_float(x) -> float:
-    if x is None:
-        return float("nan")
-    return float(x.item() if torch.is_tensor(x) else x)
-
-
 def describe_optimizer(engine) -> str:
     """What the next update uses, read from the engine: lr, betas and weight decay of each param
     group, and DeepSpeed's gradient clipping (a log line after a resume)."""
@@ -500,11 +504,7 @@ def state_is_finite(engine) -> bool:
     overflow to inf on large but finite weights).
     """
     opt = engine.optimizer
-    base = opt
-    while base is not None and not isinstance(base, torch.optim.Optimizer):
-        base = getattr(base, "optimizer", None)  # DeepSpeed's wrappers keep the torch optimizer
-    if base is None:
-        raise RuntimeError(f"cannot find the torch optimizer inside {type(opt).__name__}")
+    base = torch_optimizer(engine)
     tensors = [p for g in base.param_groups for p in g["params"]]
     for name in (
         "single_partition_of_fp32_groups",

@@ -244,9 +244,7 @@ def train(cfg: TrainConfig) -> dict:
                     out.total * float("nan") if faults.active("nan_loss", attempt) else out.total
                 )
                 bad += ~torch.isfinite(total)
-                sums += torch.cat(
-                    [total.detach().reshape(1), out.count.reshape(1), out.tasks_2K.flatten()]
-                )
+                sums += _packed(total.detach(), out)
                 with faults.inf_grad(engine.module, attempt):
                     engine.backward(total * scale)
                 if i < gas - 1:
@@ -356,12 +354,18 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
                 batch["task_id"].to(device),
                 len(tasks),
             )
-            sums += torch.cat([out.total.reshape(1), out.count.reshape(1), out.tasks_2K.flatten()])
+            sums += _packed(out.total, out)
     engine.train()
     out = _losses(dist.all_reduce(sums, "sum"), tasks, "val")
     data = val_loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(device), op).cpu())
     out.update({f"val/{k[5:]}": v for k, v in data.items() if k.startswith("data/skipped")})
     return out
+
+
+def _packed(total: torch.Tensor, out) -> torch.Tensor:
+    """One micro-batch's [loss sum, frames, per task (loss sums), per task (frames)], the vector
+    the trainer and validation add up on the device and ``_losses`` reads."""
+    return torch.cat([total.reshape(1), out.count.reshape(1), out.tasks_2K.flatten()])
 
 
 def _losses(sums: torch.Tensor, tasks: list[str], prefix: str) -> dict[str, float]:

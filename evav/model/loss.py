@@ -165,28 +165,22 @@ def next_frame_loss(
     *,
     window: int = 3,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """Scalar loss (mean over selected target frames) and per-task means (detached).
+    """Scalar loss (mean over selected target frames) and per-task means (detached):
+    ``next_frame_loss_sums`` divided by its counts (reads the task count back to the host: for
+    tests and tools, not for the training loop).
 
     ``frames`` float in [0, 1] (uint8 is converted). With no frame selected the loss is a zero
     that still backpropagates, and the dict is empty.
     """
-    _check_shapes(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_B)
-    B, T = pred_BTHWC.shape[:2]
-    select_BT = target_select(loss_mask_BT, pad_mask_BT)
-    with torch.autocast(pred_BTHWC.device.type, enabled=False):
-        pred_NHWC = pred_BTHWC[:, :-1][select_BT].float()
-        target_NHWC = frames_BTHWC[:, 1:][select_BT]
-        target_NHWC = (
-            target_NHWC.float() / 255
-            if not target_NHWC.is_floating_point()
-            else target_NHWC.float()
-        )
-        if pred_NHWC.shape[0] == 0:
-            return pred_BTHWC.sum() * 0.0, {}
-        loss_N = _frame_loss(pred_NHWC, target_NHWC, window)
+    B = pred_BTHWC.shape[0]
+    tasks_B = task_ids_B if task_ids_B is not None else torch.zeros(B, dtype=torch.long)
+    tasks_B = tasks_B.to(pred_BTHWC.device)
+    num_tasks = int(tasks_B.max()) + 1 if B else 1
+    s = next_frame_loss_sums(
+        pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, tasks_B, num_tasks, window=window
+    )
     per_task: dict[int, torch.Tensor] = {}
     if task_ids_B is not None:
-        task_N = task_ids_B.to(select_BT.device)[:, None].expand(B, T - 1)[select_BT]
-        for task in task_N.unique().tolist():
-            per_task[int(task)] = loss_N[task_N == task].mean().detach()
-    return loss_N.mean(), per_task
+        loss_K, frames_K = s.tasks_2K
+        per_task = {k: loss_K[k] / frames_K[k] for k in range(num_tasks) if frames_K[k] > 0}
+    return s.total / s.count.clamp(min=1), per_task
