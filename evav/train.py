@@ -49,7 +49,9 @@ from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
 from evav.model import (
     ModelConfig,
     build_model,
+    compile_blocks,
     next_frame_loss_sums,
+    peak_bf16_flops,
     target_select,
     train_flops_per_frame,
 )
@@ -73,7 +75,12 @@ class TrainConfig:
     keep_every: int = 0  # also keep checkpoints whose step is a multiple of this (0: none)
     # skipped steps (a non-finite loss, or non-finite gradients) at which the run stops
     max_skipped_steps: int = 10
-    peak_flops: float = 0.0  # per device, for MFU (989e12: H100/H200 bf16 dense); 0: no MFU
+    # per device, for MFU (989e12: H100/H200 bf16 dense); 0: the known GPU's (flops.PEAK_BF16),
+    # none on CPU
+    peak_flops: float = 0.0
+    # torch.compile each block (evav.model.compile_blocks); None: on with a GPU below ZeRO-3,
+    # off on CPU (compiling costs more than it saves at test sizes)
+    compile: bool | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -169,8 +176,15 @@ def train(cfg: TrainConfig) -> dict:
             denv.world_size,
             cfg.seed,
         )
+        if _compiles(cfg, device):
+            log.info(
+                "torch.compile: %d blocks (compiled on their first step)", compile_blocks(model)
+            )
         mcfg = cfg.model.resolved()
         flops_frame = train_flops_per_frame(mcfg, cfg.data.clip_frames)
+        peak_flops = cfg.peak_flops or (
+            peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else 0.0
+        )
         tokens_per_frame = (mcfg.height // mcfg.patch_size) * (mcfg.width // mcfg.patch_size)
         engine, sched = dist.build_engine(
             model, cfg.engine, cfg.optim, cfg.micro_batch, cfg.steps, denv.world_size
@@ -231,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
                     with faults.nan_forward(engine.module, attempt, i):
-                        pred = engine(frames_BTHWC.to(dist.input_dtype(engine)))
+                        pred = engine(frames_BTHWC.to(dist.input_dtype(engine)), **_packing(batch))
                 out = next_frame_loss_sums(
                     pred,
                     frames_BTHWC,
@@ -254,8 +268,11 @@ def train(cfg: TrainConfig) -> dict:
             # is masked); a step without a scored frame anywhere is skipped too (Adam would still
             # move the weights)
             unpadded = float(sum(int((~b["pad_mask"]).sum()) for b in micro))  # host tensors
-            verdict, (n_frames,), grad_norm = dist.optimizer_step(
-                engine, bad + (n_scored == 0).float(), torch.tensor([unpadded], device=device)
+            computed = float(sum(b["pad_mask"].numel() for b in micro))
+            verdict, (n_frames, n_computed), grad_norm = dist.optimizer_step(
+                engine,
+                bad + (n_scored == 0).float(),
+                torch.tensor([unpadded, computed], device=device),
             )
             if verdict != dist.APPLIED:
                 why = _skip_reason(verdict, grad_norm, n_scored, sums)
@@ -267,7 +284,7 @@ def train(cfg: TrainConfig) -> dict:
             state.step = step
             state.samples += cfg.micro_batch * gas * denv.world_size
             state.frames += int(n_frames)
-            window.add(time.perf_counter() - t0, n_frames, sums, grad_norm)
+            window.add(time.perf_counter() - t0, n_frames, n_computed, sums, grad_norm)
 
             # -- periodic actions: log, validate, checkpoint, preemption -------------------
             if every(step, cfg.log_every) or step == cfg.steps:
@@ -276,7 +293,7 @@ def train(cfg: TrainConfig) -> dict:
                     engine,
                     sched,
                     flops_frame,
-                    cfg.peak_flops,
+                    peak_flops,
                     denv.world_size,
                     loader,
                     state,
@@ -345,7 +362,7 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
             batch = batch if batch is not None else val_loader.placeholder()
             frames = batch["frames"].to(device).float().div_(255)
             with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                pred = engine(frames.to(dist.input_dtype(engine)))
+                pred = engine(frames.to(dist.input_dtype(engine)), **_packing(batch))
             out = next_frame_loss_sums(
                 pred,
                 frames,
@@ -360,6 +377,28 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
     data = val_loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(device), op).cpu())
     out.update({f"val/{k[5:]}": v for k, v in data.items() if k.startswith("data/skipped")})
     return out
+
+
+def _compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to compile the blocks: ``cfg.compile``, or by default with a GPU below ZeRO-3.
+    At ZeRO-3 DeepSpeed gathers each module's parameters in hooks that are closed to the
+    compiler, so a compiled block breaks into a graph per submodule: allowed, with a warning."""
+    on = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if on and cfg.engine.zero_stage == 3:
+        if cfg.compile is None:
+            return False
+        log.warning(
+            "compile=true at ZeRO-3: DeepSpeed's parameter hooks on every module are closed to "
+            "torch.compile, so each block compiles as one graph per submodule (correct, little "
+            "gain); ZeRO 0-2 compile a block as one graph"
+        )
+    return on
+
+
+def _packing(batch: dict) -> dict:
+    """The model's keyword for a packed batch (data.pad_to=pack): its clips' segments."""
+    seg = batch.get("segment")
+    return {} if seg is None else {"segments_BT": seg.to(dist.device())}
 
 
 def _packed(total: torch.Tensor, out) -> torch.Tensor:
@@ -446,15 +485,17 @@ class _Window:
         self.last_loss = float("nan")
 
     def reset(self):
-        self.time = self.frames = 0.0
+        self.time = self.frames = self.computed = 0.0
         self.steps = 0
         self.sums = None  # [loss, frames, per task (loss sums), per task (frames)], this rank
         self.grad_norm = float("nan")  # the last step's (dist.optimizer_step): a tensor or float
 
-    def add(self, seconds, frames, sums, grad_norm):
+    def add(self, seconds, frames, computed, sums, grad_norm):
+        """``frames``: the step's real frames (all ranks); ``computed``: with padding."""
         self.grad_norm = grad_norm
         self.time += seconds
         self.frames += frames
+        self.computed += computed
         self.steps += 1
         self.sums = sums if self.sums is None else self.sums + sums
 
@@ -477,6 +518,7 @@ class _Window:
             "speed/tokens_per_s": fps * tokens_per_frame,
             "speed/step_s": self.time / max(1, self.steps),
             "data/wait_frac": data["data/wait_s"] / max(self.time, 1e-9),
+            "data/useful_frac": self.frames / max(self.computed, 1.0),
             "mem/peak_gb": _peak_memory_gb(),
         }
         rec.update(losses)

@@ -9,8 +9,9 @@ Stages (each a function or small class you can test alone):
                      rank batches -> DataLoader workers round-robin                     (here)
     read             (shard, member) -> bytes, by seeking via a header index            (shards.py)
     decode + check   PyAV or decord, frame count vs metadata, crop, loss mask            (clips.py)
-    batch            pad (to the longest clip, or clip_frames): frames (B,T,H,W,3) uint8,
-                     loss_mask, pad_mask, task_id                                        (here)
+    batch            pad (to the longest clip, or clip_frames), or pack several clips per
+                     row: frames (B,T,H,W,3) uint8, loss_mask, pad_mask, task_id
+                     (packed: per frame, and segment)                                    (here)
     hand off         a worker writes frames into a reused shared-memory slot             (handoff.py)
 
 State is tiny: the next global slot and, per dataset, how many samples it has supplied. It is
@@ -71,7 +72,10 @@ class DataConfig:
     weights: list[float] = field(default_factory=list)  # one per directory; empty: equal
     mix_by: Literal["samples", "frames"] = "samples"  # weights count samples, or frames
     clip_frames: int = 16  # longer clips are cropped to this many frames
-    pad_to: Literal["longest", "clip_frames"] = "longest"  # batch length (clip_frames: one shape)
+    # batch layout: a clip per row padded to the longest clip, or to clip_frames (one shape);
+    # pack: several clips per row of clip_frames frames, first fit by decreasing length (the
+    # batch carries ``segment``; temporal attention stays inside a clip): far less padding
+    pad_to: Literal["longest", "clip_frames", "pack"] = "longest"
     num_workers: int = 0  # DataLoader worker processes per rank
     window: int = 4  # shards whose samples are shuffled together
     # decord: faster, trusted shards only (clips.py); needs the extra: pip install 'evav[decord]'
@@ -110,8 +114,10 @@ class Loader:
         why = check_decoder(cfg.decoder)  # decord is an optional extra: refused here, once
         if why:
             raise ConfigError(why)
-        if cfg.pad_to not in ("longest", "clip_frames"):
-            raise ValueError(f"data.pad_to must be 'longest' or 'clip_frames', got {cfg.pad_to!r}")
+        if cfg.pad_to not in ("longest", "clip_frames", "pack"):
+            raise ValueError(
+                f"data.pad_to must be 'longest', 'clip_frames' or 'pack', got {cfg.pad_to!r}"
+            )
         if cfg.mix_by not in ("samples", "frames"):
             raise ValueError(f"data.mix_by must be 'samples' or 'frames', got {cfg.mix_by!r}")
         if not 0 <= rank < world_size:
@@ -526,6 +532,8 @@ class _Stream(torch.utils.data.IterableDataset):
             if s is not None:
                 samples.append(s)
                 meta["served"][d] += len(s.frames) if ld.cfg.mix_by == "frames" else 1
+        if ld.cfg.pad_to == "pack":
+            return _collate_packed(samples, ld.task_ids, ld.cfg.clip_frames, alloc), meta
         pad = ld.cfg.clip_frames if ld.cfg.pad_to == "clip_frames" else None
         return _collate(samples, ld.task_ids, pad, alloc), meta
 
@@ -622,12 +630,70 @@ def _collate(samples, task_ids: dict[str, int], pad_to: int | None, alloc=None) 
     }
 
 
+def pack_rows(lengths: list[int], row_frames: int) -> list[list[int]]:
+    """First fit by decreasing length: the sample indices of each row of ``row_frames`` frames,
+    in the order they sit along it. Deterministic (ties keep the samples' order)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if n > row_frames:
+            raise ValueError(f"a clip of {n} frames does not fit a row of {row_frames}")
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(row_frames)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows
+
+
+def _collate_packed(samples, task_ids: dict[str, int], row_frames: int, alloc=None) -> dict | None:
+    """``_collate`` with several clips per row of ``row_frames`` frames (``pack_rows``). Each row
+    has ``segment`` (B, T): the clip's number along its row, padding the next number; its
+    ``loss_mask`` is False at each clip's first frame (nothing before it in the row predicts it)
+    and ``task_id`` is per frame. ``task``, ``key`` and ``answer`` stay per sample."""
+    if not samples:
+        return None
+    rows = pack_rows([len(s.frames) for s in samples], row_frames)
+    shape = (len(rows), row_frames, *samples[0].frames.shape[1:])
+    frames, handle = alloc(shape) if alloc else (np.empty(shape, np.uint8), None)
+    loss_mask = np.zeros(shape[:2], dtype=bool)
+    pad_mask = np.ones(shape[:2], dtype=bool)
+    segment = np.zeros(shape[:2], dtype=np.int64)
+    task_id = np.zeros(shape[:2], dtype=np.int64)
+    for r, members in enumerate(rows):
+        t = 0
+        for j, i in enumerate(members):
+            s, n = samples[i], len(samples[i].frames)
+            frames[r, t : t + n] = s.frames
+            loss_mask[r, t : t + n] = s.loss_mask
+            loss_mask[r, t] = False
+            pad_mask[r, t : t + n] = False
+            segment[r, t : t + n] = j
+            task_id[r, t : t + n] = task_ids.get(s.task, 0)
+            t += n
+        frames[r, t:] = 0
+        segment[r, t:] = len(members)
+    return {
+        "frames": frames if handle is None else handle,
+        "loss_mask": loss_mask,
+        "pad_mask": pad_mask,
+        "task_id": task_id,
+        "segment": segment,
+        "task": [s.task for s in samples],
+        "key": [s.key for s in samples],
+        "answer": [s.answer for s in samples],
+    }
+
+
 def _to_torch(batch: dict, slots: FrameSlots | None) -> dict:
     """The consumer's side of ``_collate``: frames out of their slot, arrays as tensors."""
     if isinstance(batch["frames"], tuple):
         batch["frames"] = slots.receive(batch["frames"])
-    for k in ("frames", "loss_mask", "pad_mask", "task_id"):
-        if isinstance(batch[k], np.ndarray):
+    for k in ("frames", "loss_mask", "pad_mask", "task_id", "segment"):
+        if isinstance(batch.get(k), np.ndarray):
             batch[k] = torch.from_numpy(batch[k])
     return batch
 

@@ -14,9 +14,9 @@ families), config.py (ModelConfig, presets), build.py, loss.py, generate.py, flo
 
 from evav.model.attention import KVCache
 from evav.model.base import NextFrameModel
-from evav.model.build import build_model, num_params
+from evav.model.build import build_model, compile_blocks, num_params
 from evav.model.config import PRESETS, ModelConfig
-from evav.model.flops import forward_flops_per_frame, train_flops_per_frame
+from evav.model.flops import forward_flops_per_frame, peak_bf16_flops, train_flops_per_frame
 from evav.model.generate import generate, generate_recompute
 from evav.model.loss import LossSums, ms_ssim, next_frame_loss, next_frame_loss_sums, target_select
 
@@ -26,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "NextFrameModel",
     "build_model",
+    "compile_blocks",
     "forward_flops_per_frame",
     "generate",
     "generate_recompute",
@@ -35,5 +36,6 @@ __all__ = [
     "target_select",
     "LossSums",
     "num_params",
+    "peak_bf16_flops",
     "train_flops_per_frame",
 ]

@@ -1,7 +1,10 @@
 """Divided space-time attention: spatial within a frame, temporal (causal) per token position.
 
 Every attention is one ``scaled_dot_product_attention`` call without a mask tensor (spatial:
-bidirectional; temporal: ``is_causal=True``), so GPUs get flash kernels. Windowed spatial
+bidirectional; temporal: ``is_causal=True``), so GPUs get flash kernels. A packed batch (several
+clips per row, ``packed_causal_mask``) gives temporal attention a block-causal boolean mask
+instead: a frame attends to the earlier frames of its own clip only (fused memory-efficient
+kernels on GPU). Windowed spatial
 attention reshapes the token grid into windows, batched, instead of masking.
 
 Temporal attention can run against a ``KVCache``: a prefill (the prompt, from frame 0) writes
@@ -95,12 +98,19 @@ class TemporalAttention(Attention):
         self.layer = layer  # this layer's slot in a KVCache
 
     def forward(
-        self, x_BTPD: torch.Tensor, angles_TE2: torch.Tensor, cache: KVCache | None = None
+        self,
+        x_BTPD: torch.Tensor,
+        angles_TE2: torch.Tensor,
+        cache: KVCache | None = None,
+        mask_N1TT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``angles`` (T, E/2), or per row (B*P, 1, T, E/2) with a packed batch's ``mask``."""
         B, T, P, D = x_BTPD.shape
         x = x_BTPD.transpose(1, 2).reshape(B * P, T, D)
         q, k, v = self.qkv_heads(x, angles_TE2)
-        if cache is None:
+        if mask_N1TT is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_N1TT)
+        elif cache is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             start = cache.pos
@@ -110,6 +120,24 @@ class TemporalAttention(Attention):
             # prefill: square and causal; a later step: one new frame sees all earlier ones
             o = F.scaled_dot_product_attention(q, k, v, is_causal=start == 0)
         return self.out(o).view(B, P, T, D).transpose(1, 2)
+
+
+def packed_causal_mask(segments_BT: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(B*tokens, 1, T, T) bool, True where frame i may attend to frame j of a packed row:
+    j <= i and both in the same clip (``segments`` numbers the clips of each row)."""
+    B, T = segments_BT.shape
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segments_BT.device).tril()
+    allowed_BTT = (segments_BT[:, :, None] == segments_BT[:, None, :]) & causal_TT
+    return allowed_BTT[:, None].expand(B, tokens, T, T).reshape(B * tokens, 1, T, T)
+
+
+def clip_positions(segments_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) frame index of each frame within its own clip of a packed row."""
+    B, T = segments_BT.shape
+    t_BT = torch.arange(T, device=segments_BT.device).expand(B, T)
+    starts = torch.ones_like(segments_BT, dtype=torch.bool)
+    starts[:, 1:] = segments_BT[:, 1:] != segments_BT[:, :-1]
+    return t_BT - torch.where(starts, t_BT, 0).cummax(dim=1).values
 
 
 def to_windows(x_BTPD: torch.Tensor, grid: tuple[int, int], window: int) -> torch.Tensor:

@@ -1,6 +1,11 @@
 """NextFrameModel: what both families share: patch embedding, pixel head, positions, init.
 
     pred_BTHWC = model(frames_BTHWC)      # frames in [0, 1]; pred[:, t] predicts frame t + 1
+    pred_BTHWC = model(frames_BTHWC, segments_BT=seg)  # packed rows: several clips per row
+
+A packed row holds several clips one after another; ``segments[b, t]`` numbers the clip of frame
+t (0, 1, ... along the row; padding its own number). Temporal attention stays within a clip and
+each clip's frames are at temporal positions 0, 1, ... as if it were alone in its row.
 
 A family implements only ``trunk`` (tokens -> tokens). With a ``KVCache`` the frames are the
 next ones after ``cache.pos`` (a prefill from frame 0, then one frame per call); see
@@ -14,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from evav.model.attention import KVCache
+from evav.model.attention import KVCache, clip_positions
 from evav.model.config import ModelConfig
 from evav.model.patches import PatchEmbed, PixelHead
 
@@ -27,11 +32,20 @@ class NextFrameModel(nn.Module):
         self.head = PixelHead(cfg.patch_size, cfg.dim, cfg.height, cfg.width)
 
     def trunk(
-        self, x_BTPD: torch.Tensor, positions_T: torch.Tensor, cache: KVCache | None
+        self,
+        x_BTPD: torch.Tensor,
+        positions_T: torch.Tensor,
+        cache: KVCache | None,
+        segments_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, frames_BTHWC: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        frames_BTHWC: torch.Tensor,
+        cache: KVCache | None = None,
+        segments_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Frames (B, T, H, W, 3) float in [0, 1] -> next-frame predictions, same shape."""
         cfg = self.cfg
         if frames_BTHWC.ndim != 5 or frames_BTHWC.shape[2:] != (cfg.height, cfg.width, 3):
@@ -40,10 +54,17 @@ class NextFrameModel(nn.Module):
             )
         if not frames_BTHWC.is_floating_point():
             raise ValueError(f"expected float frames in [0, 1], got {frames_BTHWC.dtype}")
-        T = frames_BTHWC.shape[1]
-        start = cache.pos if cache is not None else 0
-        positions_T = torch.arange(start, start + T, device=frames_BTHWC.device)
-        x = self.trunk(self.embed(frames_BTHWC), positions_T, cache)
+        B, T = frames_BTHWC.shape[:2]
+        if segments_BT is not None:
+            if cache is not None:
+                raise ValueError("a packed batch (segments) cannot run against a KV cache")
+            if segments_BT.shape != (B, T):
+                raise ValueError(f"segments must be ({B}, {T}), got {tuple(segments_BT.shape)}")
+            positions = clip_positions(segments_BT)
+        else:
+            start = cache.pos if cache is not None else 0
+            positions = torch.arange(start, start + T, device=frames_BTHWC.device)
+        x = self.trunk(self.embed(frames_BTHWC), positions, cache, segments_BT)
         if cache is not None:
             cache.pos += T
         return self.head(x)

@@ -18,6 +18,7 @@ from evav.model.attention import (
     KVCache,
     SpatialAttention,
     TemporalAttention,
+    packed_causal_mask,
 )
 from evav.model.rope import rope_1d, rope_2d
 
@@ -53,9 +54,10 @@ class Block(nn.Module):
         angles_s: torch.Tensor,
         angles_t: torch.Tensor,
         cache: KVCache | None = None,
+        mask_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x_BTPD + self.spatial(self.norm_s(x_BTPD), grid, window, angles_s)
-        x = x + self.temporal(self.norm_t(x), angles_t, cache)
+        x = x + self.temporal(self.norm_t(x), angles_t, cache, mask_t)
         return x + self.mlp(self.norm_m(x))
 
 
@@ -85,12 +87,24 @@ class Stage(nn.Module):
         )
 
     def forward(
-        self, x_BTPD: torch.Tensor, positions_T: torch.Tensor, cache: KVCache | None = None
+        self,
+        x_BTPD: torch.Tensor,
+        positions_T: torch.Tensor,
+        cache: KVCache | None = None,
+        segments_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``positions`` (T,) frame indices; a packed batch: (B, T) within each clip, and
+        ``segments`` (B, T) numbering the clips of each row (temporal attention stays inside
+        a clip)."""
         rows, cols = (self.window, self.window) if self.window else self.grid
         angles_s = rope_2d(rows, cols, self.head_dim, SPATIAL_ROPE_THETA, x_BTPD.device)
         angles_t = rope_1d(positions_T, self.head_dim, self.rope_theta)
-        args = (self.grid, self.window, angles_s, angles_t, cache)
+        mask_t = None
+        if segments_BT is not None:
+            B, T, P, _ = x_BTPD.shape
+            angles_t = angles_t[:, None].expand(B, P, T, -1).reshape(B * P, 1, T, -1)
+            mask_t = packed_causal_mask(segments_BT, P)
+        args = (self.grid, self.window, angles_s, angles_t, cache, mask_t)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:
                 x_BTPD = checkpoint(block, x_BTPD, *args, use_reentrant=False)

@@ -23,6 +23,10 @@ class FlatModel(NextFrameModel):
         )  # fmt: skip
 
     def trunk(
-        self, x_BTPD: torch.Tensor, positions_T: torch.Tensor, cache: KVCache | None
+        self,
+        x_BTPD: torch.Tensor,
+        positions_T: torch.Tensor,
+        cache: KVCache | None,
+        segments_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.stage(x_BTPD, positions_T, cache)
+        return self.stage(x_BTPD, positions_T, cache, segments_BT)

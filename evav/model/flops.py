@@ -49,3 +49,25 @@ def forward_flops_per_frame(cfg: ModelConfig, num_frames: int) -> int:
 def train_flops_per_frame(cfg: ModelConfig, num_frames: int) -> int:
     """Forward + backward FLOPs per frame (3x forward)."""
     return 3 * forward_flops_per_frame(cfg, num_frames)
+
+
+# nominal dense bf16 peak FLOP/s per device (vendor data sheets), most specific name first
+PEAK_BF16: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+)
+
+
+def peak_bf16_flops(device_name: str) -> float:
+    """The nominal dense bf16 peak of a GPU by its name (``torch.cuda.get_device_name()``);
+    0.0 for a device not in ``PEAK_BF16`` (then set ``peak_flops`` in the config for MFU)."""
+    for name, flops in PEAK_BF16:
+        if name in device_name:
+            return flops
+    return 0.0

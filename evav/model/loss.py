@@ -13,6 +13,8 @@ wherever it lands (a micro-batch's mean would weigh each frame by its batch's co
 no host synchronisation (no boolean indexing, no ``.item()``): every frame is scored and the
 unselected ones are masked out with ``torch.where`` (their gradient is exactly zero).
 
+``task_ids`` are per row (B,) or per frame (B, T) (a packed row holds clips of several tasks).
+
 ``pred[:, t]`` predicts frame ``t + 1``, so target frame ``t >= 1`` is scored against
 ``pred[:, t - 1]``; frame 0 is never a target. ``loss_mask[b, t]`` (True: supervise frame t, as
 in ``Clip.loss_mask``) and ``pad_mask[b, t]`` (True: padding, never scored) are over the clip's
@@ -100,8 +102,10 @@ def _check_shapes(pred_BTHWC, frames_BTHWC, loss_mask_BT, pad_mask_BT, task_ids_
             raise ValueError(
                 f"{name} must be a ({B}, {T}) bool tensor, got {m.dtype} {tuple(m.shape)}"
             )
-    if task_ids_B is not None and task_ids_B.shape != (B,):
-        raise ValueError(f"task_ids must be ({B},), got {tuple(task_ids_B.shape)}")
+    if task_ids_B is not None and task_ids_B.shape not in ((B,), (B, T)):
+        raise ValueError(
+            f"task_ids must be ({B},) or, per frame, ({B}, {T}), got {tuple(task_ids_B.shape)}"
+        )
 
 
 def target_select(loss_mask_BT: torch.Tensor, pad_mask_BT: torch.Tensor | None) -> torch.Tensor:
@@ -149,7 +153,9 @@ def next_frame_loss_sums(
         pred_NHWC = torch.where(keep_N111, pred_NHWC, target_NHWC)
         loss_N = torch.where(select_N, _frame_loss(pred_NHWC, target_NHWC, window), 0.0)
     weight_N = select_N.float()
-    task_N = task_ids_B[:, None].expand(B, T - 1).reshape(-1)
+    # per row, or per frame (a packed row holds clips of several tasks): the target frame's
+    task_N = task_ids_B[:, 1:] if task_ids_B.ndim == 2 else task_ids_B[:, None].expand(B, T - 1)
+    task_N = task_N.reshape(-1)
     tasks_2K = torch.zeros(2, num_tasks, device=loss_N.device)
     tasks_2K[0].index_add_(0, task_N, loss_N.detach())
     tasks_2K[1].index_add_(0, task_N, weight_N)

@@ -82,15 +82,20 @@ class PaperModel(NextFrameModel):
         self.splits = nn.ModuleList(Split(cfg.dim) for _ in range(levels - 1))  # coarse to fine
 
     def trunk(
-        self, x_BTPD: torch.Tensor, positions_T: torch.Tensor, cache: KVCache | None
+        self,
+        x_BTPD: torch.Tensor,
+        positions_T: torch.Tensor,
+        cache: KVCache | None,
+        segments_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        time = (positions_T, cache, segments_BT)
         skips = []
         for lv, (stage, merge) in enumerate(zip(self.encoders, self.merges)):
-            x_BTPD = stage(x_BTPD, positions_T, cache)
+            x_BTPD = stage(x_BTPD, *time)
             skips.append(x_BTPD)
             x_BTPD = merge(x_BTPD, self.grids[lv])
-        x_BTPD = self.bottleneck(x_BTPD, positions_T, cache)
+        x_BTPD = self.bottleneck(x_BTPD, *time)
         for stage, split in zip(self.decoders, self.splits):
             skip = skips.pop()
-            x_BTPD = stage(split(x_BTPD, skip, self.grids[len(skips)]), positions_T, cache)
+            x_BTPD = stage(split(x_BTPD, skip, self.grids[len(skips)]), *time)
         return x_BTPD

@@ -12,13 +12,14 @@ import torch
 
 
 def _angles(positions_L: torch.Tensor, num_pairs: int, theta: float) -> torch.Tensor:
-    """(L,) positions -> (L, num_pairs) angles, frequencies theta^(-i/num_pairs)."""
+    """(..., L) positions -> (..., L, num_pairs) angles, frequencies theta^(-i/num_pairs)."""
     freqs = theta ** (-torch.arange(num_pairs, device=positions_L.device) / num_pairs)
-    return positions_L.float()[:, None] * freqs[None, :]
+    return positions_L.float()[..., None] * freqs
 
 
 def rope_1d(positions_L: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """(L,) integer positions -> (L, head_dim / 2) angles."""
+    """(L,) integer positions -> (L, head_dim / 2) angles; (B, L) -> (B, L, head_dim / 2)
+    (packed rows: each clip's frames count from 0)."""
     return _angles(positions_L, head_dim // 2, theta)
 
 
