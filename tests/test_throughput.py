@@ -148,15 +148,15 @@ def _block_inputs(m, B: int = 2, T: int = 6, packed: bool = False):
     stage = m.stage
     P, D = stage.grid[0] * stage.grid[1], m.cfg.dim
     x = torch.randn(B, T, P, D)
-    from evav.model.rope import rope_1d, rope_2d
+    from evav.model.rope import rope_1d, rope_2d, rotation
 
-    angles_s = rope_2d(*stage.grid, stage.head_dim, 100.0)
+    rot_s = rotation(rope_2d(*stage.grid, stage.head_dim, 100.0))
     if not packed:
-        return x, stage.grid, 0, angles_s, rope_1d(torch.arange(T), stage.head_dim, 10000.0)
+        return x, stage.grid, 0, rot_s, rotation(rope_1d(torch.arange(T), stage.head_dim, 1e4))
     seg = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])
     angles_t = rope_1d(clip_positions(seg), stage.head_dim, 10000.0)
     angles_t = angles_t[:, None].expand(B, P, T, -1).reshape(B * P, 1, T, -1)
-    return x, stage.grid, 0, angles_s, angles_t, None, packed_causal_mask(seg, P)
+    return x, stage.grid, 0, rot_s, rotation(angles_t), None, packed_causal_mask(seg, P)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -62,10 +62,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.proj.is_residual_out = True  # scaled down at init (see base.init_weights)
 
-    def qkv_heads(self, x_NLD: torch.Tensor, angles_LE2: torch.Tensor):
-        """Project to rotated q, k and v, each (N, heads, L, head_dim)."""
+    def qkv_heads(self, x_NLD: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]):
+        """Project to rotated q, k and v, each (N, heads, L, head_dim); ``rot``: the rotary
+        ``(cos, sin)`` (``rope.rotation``)."""
         q, k, v = self.qkv(x_NLD).unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        return apply_rope(q, angles_LE2), apply_rope(k, angles_LE2), v
+        return apply_rope(q, rot), apply_rope(k, rot), v
 
     def out(self, o_NHLE: torch.Tensor) -> torch.Tensor:
         return self.proj(o_NHLE.transpose(1, 2).flatten(2))
@@ -75,15 +76,16 @@ class SpatialAttention(Attention):
     """Bidirectional attention among the tokens of one frame, globally or in square windows."""
 
     def forward(
-        self, x_BTPD: torch.Tensor, grid: tuple[int, int], window: int, angles_LE2: torch.Tensor
+        self, x_BTPD: torch.Tensor, grid: tuple[int, int], window: int, rot_LE2: tuple
     ) -> torch.Tensor:
-        """``angles`` are those of the grid (global) or of one window (local); ``window`` 0 = global."""
+        """``rot`` is the rotation of the grid (global) or of one window (local); ``window`` 0 =
+        global."""
         B, T, P, D = x_BTPD.shape
         if window:
             x = to_windows(x_BTPD, grid, window)
         else:
             x = x_BTPD.reshape(B * T, P, D)
-        q, k, v = self.qkv_heads(x, angles_LE2)
+        q, k, v = self.qkv_heads(x, rot_LE2)
         x = self.out(F.scaled_dot_product_attention(q, k, v))
         if window:
             return from_windows(x, (B, T), grid, window)
@@ -100,14 +102,15 @@ class TemporalAttention(Attention):
     def forward(
         self,
         x_BTPD: torch.Tensor,
-        angles_TE2: torch.Tensor,
+        rot_TE2: tuple,
         cache: KVCache | None = None,
         mask_N1TT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``angles`` (T, E/2), or per row (B*P, 1, T, E/2) with a packed batch's ``mask``."""
+        """``rot`` (cos, sin) each (T, E/2), or per row (B*P, 1, T, E/2) with a packed batch's
+        ``mask``."""
         B, T, P, D = x_BTPD.shape
         x = x_BTPD.transpose(1, 2).reshape(B * P, T, D)
-        q, k, v = self.qkv_heads(x, angles_TE2)
+        q, k, v = self.qkv_heads(x, rot_TE2)
         if mask_N1TT is not None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_N1TT)
         elif cache is None:

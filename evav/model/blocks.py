@@ -20,7 +20,7 @@ from evav.model.attention import (
     TemporalAttention,
     packed_causal_mask,
 )
-from evav.model.rope import rope_1d, rope_2d
+from evav.model.rope import rope_1d, rope_2d, rotation
 
 
 class MLP(nn.Module):
@@ -51,13 +51,14 @@ class Block(nn.Module):
         x_BTPD: torch.Tensor,
         grid: tuple[int, int],
         window: int,
-        angles_s: torch.Tensor,
-        angles_t: torch.Tensor,
+        rot_s: tuple[torch.Tensor, torch.Tensor],
+        rot_t: tuple[torch.Tensor, torch.Tensor],
         cache: KVCache | None = None,
         mask_t: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x_BTPD + self.spatial(self.norm_s(x_BTPD), grid, window, angles_s)
-        x = x + self.temporal(self.norm_t(x), angles_t, cache, mask_t)
+        """``rot_s``/``rot_t``: the spatial and temporal rotary ``(cos, sin)`` (rope.rotation)."""
+        x = x_BTPD + self.spatial(self.norm_s(x_BTPD), grid, window, rot_s)
+        x = x + self.temporal(self.norm_t(x), rot_t, cache, mask_t)
         return x + self.mlp(self.norm_m(x))
 
 
@@ -104,7 +105,8 @@ class Stage(nn.Module):
             B, T, P, _ = x_BTPD.shape
             angles_t = angles_t[:, None].expand(B, P, T, -1).reshape(B * P, 1, T, -1)
             mask_t = packed_causal_mask(segments_BT, P)
-        args = (self.grid, self.window, angles_s, angles_t, cache, mask_t)
+        # cos and sin once per stage, not in every block's q and k
+        args = (self.grid, self.window, rotation(angles_s), rotation(angles_t), cache, mask_t)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and cache is None:
                 x_BTPD = checkpoint(block, x_BTPD, *args, use_reentrant=False)

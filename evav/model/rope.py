@@ -31,9 +31,15 @@ def rope_2d(rows: int, cols: int, head_dim: int, theta: float, device=None) -> t
     return torch.cat([_angles(r, quarter, theta), _angles(c, quarter, theta)], dim=-1)
 
 
-def apply_rope(x_NHLE: torch.Tensor, angles_LE2: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of ``x`` (..., L, E) by ``angles`` (L, E/2); keeps dtype."""
-    cos, sin = angles_LE2.cos(), angles_LE2.sin()
+def rotation(angles_LE2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of rotary angles, computed once per stage and shared by its blocks."""
+    return angles_LE2.cos(), angles_LE2.sin()
+
+
+def apply_rope(x_NHLE: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of ``x`` (..., L, E) by the angles whose ``rotation`` is
+    ``rot`` (each (L, E/2), or broadcastable to x's (..., L, E/2)); keeps dtype."""
+    cos, sin = rot
     x = x_NHLE.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
