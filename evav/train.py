@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> dict:
             # loader's placeholder, weight 0); the step's loss is the sum over its scored frames
             # on every rank divided by their count, so a frame weighs the same wherever it lands
             micro = [next(batches) for _ in range(gas)]
-            n_scored = dist.all_reduce(_scored_frames(micro).to(device), "sum")  # no host sync
+            scored, real, computed = _host_counts(micro)  # from host masks: no device sync
+            n_scored = dist.all_reduce(torch.tensor(scored, device=device), "sum")
             scale = gas * denv.world_size / n_scored.clamp(min=1)  # DeepSpeed averages both
             sums = torch.zeros(2 + 2 * len(tasks), device=device)  # loss, frames, per task
             bad = torch.zeros((), device=device)  # micro-batches with a non-finite loss
@@ -267,12 +268,10 @@ def train(cfg: TrainConfig) -> dict:
             # in the accumulated buffers already (a NaN forward has NaN gradients however its loss
             # is masked); a step without a scored frame anywhere is skipped too (Adam would still
             # move the weights)
-            unpadded = float(sum(int((~b["pad_mask"]).sum()) for b in micro))  # host tensors
-            computed = float(sum(b["pad_mask"].numel() for b in micro))
             verdict, (n_frames, n_computed), grad_norm = dist.optimizer_step(
                 engine,
                 bad + (n_scored == 0).float(),
-                torch.tensor([unpadded, computed], device=device),
+                torch.tensor([real, computed], device=device),
             )
             if verdict != dist.APPLIED:
                 why = _skip_reason(verdict, grad_norm, n_scored, sums)
@@ -419,11 +418,16 @@ def _losses(sums: torch.Tensor, tasks: list[str], prefix: str) -> dict[str, floa
     return out
 
 
-def _scored_frames(micro: list[dict]) -> torch.Tensor:
-    """The frames a step's micro-batches score (targets selected, not padding), from the host
-    masks: no device work, known before the first forward."""
-    n = sum(int(target_select(b["loss_mask"], b["pad_mask"]).sum()) for b in micro)
-    return torch.tensor(float(n))
+def _host_counts(micro: list[dict]) -> tuple[float, float, float]:
+    """A step's micro-batches' frames: scored (targets selected, not padding), real (not
+    padding) and computed (padding included), read from the batches' masks while they are still
+    in host memory: no device synchronisation, known before the first forward (the only reads of
+    a tensor in a step besides ``dist.optimizer_step``'s and ``dist.host_any``'s; see
+    tools/check_host_sync.py)."""
+    scored = sum(int(target_select(b["loss_mask"], b["pad_mask"]).sum()) for b in micro)
+    real = sum(int((~b["pad_mask"]).sum()) for b in micro)
+    computed = sum(b["pad_mask"].numel() for b in micro)
+    return float(scored), float(real), float(computed)
 
 
 def _skip_reason(verdict: str, grad_norm, n_scored: torch.Tensor, sums: torch.Tensor) -> str:

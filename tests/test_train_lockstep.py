@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -215,3 +216,27 @@ def test_bf16_gradients_accumulate_in_fp32_by_default(stage):
     assert (model_dtype, accum_dtype, steps) == ("torch.bfloat16", "torch.float32", "1")
     if stage == 1:
         assert optimizer == "BF16_Optimizer"
+
+
+def test_a_training_step_reads_one_value_from_the_device():
+    """Item 5 by proxy on the CPU (tools/check_host_sync.py --cpu): every read of a tensor's
+    value into Python during training steps is counted by its caller; outside logging steps evav
+    makes exactly one per step (``dist.optimizer_step``'s all-reduced flags and counts), besides
+    reads of tensors it keeps in host memory on purpose. DeepSpeed's own checks are counted apart
+    (on a GPU: tools/check_host_sync.py without --cpu)."""
+    cmd = [sys.executable, "tools/check_host_sync.py", "--cpu", "--steps", "3"]
+    cmd += ["engine.precision=bf16", "engine.zero_stage=1", "engine.grad_accum_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    evav_sites = {
+        k: v
+        for k, v in result["sites"].items()
+        if k not in ("train.py:_host_counts", "distributed.py:host_any")
+        and k.split(":")[0] in {p.name for p in (REPO / "evav").rglob("*.py")}
+    }
+    assert evav_sites == {"distributed.py:optimizer_step": 1.0}, result
+    assert result["evav"] == 1.0
+    assert result["host_only"] == 4.0  # two micro-batches' host masks, read twice each
