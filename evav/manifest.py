@@ -3,7 +3,8 @@
 A dataset directory built by preprocessing:
 
     DIR/manifest.json                 Manifest (below)
-    DIR/{split}/shard-NNNNNN.tar      plain tar of KEY.mp4 + KEY.json pairs, keys in order
+    DIR/{split}/shard-NNNNNN.tar      plain tar of KEY.json + KEY.mp4 pairs, keys in order
+    DIR/{split}/shard-NNNNNN.tar.idx.json   its index: member offsets and sizes (evav.data.shards)
 
 Each sample is ``KEY.mp4`` (the whole clip ``[task][inputs][separator][outputs]``, encoded with
 ``Manifest.codec``, see evav.codec) and ``KEY.json`` (``SampleMeta``). ``KEY`` is the input's
@@ -20,7 +21,10 @@ malformed metadata (not JSON, not an object, a missing field, a wrong type) is a
 with the reason, which readers turn into a skipped, counted bad sample.
 ``SampleMeta.clip_sha256`` is the sha256 of the sample's ``KEY.mp4`` bytes (``clip_checksum``),
 checked by every reader before decoding: a flipped bit that the codec would conceal is caught.
-``FORMAT_VERSION`` changes when the layout changes incompatibly (2: ``clip_sha256``).
+``FORMAT_VERSION`` changes when the layout changes (2: ``clip_sha256``; 3: each shard's index,
+``DIR/{split}/shard-NNNNNN.tar.idx.json``, listed as ``ShardInfo.index`` with its sha256; see
+evav.data.shards). ``READABLE_VERSIONS`` still load: a version 2 manifest lists no indexes, and
+its shards are read by walking their tar headers (with a warning per shard).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -69,6 +74,8 @@ class ShardInfo:
     frames: int
     bytes: int
     sha256: str
+    index: str | None = None  # its index file, e.g. "train/shard-000000.tar.idx.json" (v3)
+    index_sha256: str | None = None  # sha256 of the index file
 
 
 @dataclass
@@ -126,9 +133,10 @@ class Manifest:
         """
         m = _from_dict(cls, d, where)
         _check_fields(m, _MANIFEST_FIELDS, where, "")
-        if m.format_version != FORMAT_VERSION:
+        if m.format_version not in READABLE_VERSIONS:
             raise ValueError(
-                f"{where}: format_version {m.format_version}, this evav reads {FORMAT_VERSION}"
+                f"{where}: format_version {m.format_version}, this evav reads "
+                f"{' and '.join(map(str, READABLE_VERSIONS))}"
                 + (
                     " (version 1 shards carry no clip checksums: rebuild with `evav preprocess`)"
                     if m.format_version == 1
@@ -306,6 +314,14 @@ def _check_shard(sh: ShardInfo, where: str, at: str, seen: dict[str, str]) -> No
     seen[norm] = at
     if not _is_sha256(sh.sha256):
         _fail(where, f"{at}.sha256", f"{sh.sha256[:80]!r} is not 64 lowercase hex digits")
+    if (sh.index is None) != (sh.index_sha256 is None):
+        _fail(where, f"{at}.index", "and index_sha256 must be given together")
+    if sh.index is not None:
+        if not isinstance(sh.index, str) or check_shard_path(sh.index):
+            why = check_shard_path(sh.index) if isinstance(sh.index, str) else "is not str"
+            _fail(where, f"{at}.index", f"{str(sh.index)[:80]!r} {why}")
+        if not isinstance(sh.index_sha256, str) or not _is_sha256(sh.index_sha256):
+            _fail(where, f"{at}.index_sha256", "is not 64 lowercase hex digits")
     if sh.bytes > MAX_FILE_BYTES:
         _fail(where, f"{at}.bytes", f"{sh.bytes} is larger than any file can be")
     if sh.samples * MIN_SAMPLE_BYTES > sh.bytes:

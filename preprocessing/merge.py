@@ -42,7 +42,13 @@ def merge(out: str | Path) -> Manifest:
                 if rec["samples"]:
                     shards.append(
                         ShardInfo(
-                            rec["path"], rec["samples"], rec["frames"], rec["bytes"], rec["sha256"]
+                            rec["path"],
+                            rec["samples"],
+                            rec["frames"],
+                            rec["bytes"],
+                            rec["sha256"],
+                            index=rec.get("index"),  # records written before indexes have none
+                            index_sha256=rec.get("index_sha256"),
                         )
                     )
                 assert rec["inputs"] == rec["samples"] + len(rec["quarantined"]), rec

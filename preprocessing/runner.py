@@ -61,7 +61,7 @@ from preprocessing.layout import (
     shard_path,
 )
 from preprocessing.merge import merge
-from preprocessing.shards import ShardWriter, file_sha256
+from preprocessing.shards import ShardWriter
 
 ESTIMATE_INPUTS = 8  # inputs rendered per split to turn --shard-mb into a sample count
 MAX_WORKERS = 1024
@@ -136,8 +136,9 @@ def build(cfg: BuildConfig) -> Manifest | None:
     )
     mine = [sid for n, sid in enumerate(_all_shards(plan)) if n % cfg.num_parts == cfg.part]
     for split, index in mine:  # leftovers of a killed run of this part
-        for tmp in shard_path(out, split, index).parent.glob(f".shard-{index:06d}.tar.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        for pattern in (f".shard-{index:06d}.tar.tmp-*", f".shard-{index:06d}.tar.idx.json.tmp-*"):
+            for tmp in shard_path(out, split, index).parent.glob(pattern):
+                tmp.unlink(missing_ok=True)
     todo = [sid for sid in mine if read_record(out, *sid) is None]
     total = sum(_shard_range(plan, *sid)[1] - _shard_range(plan, *sid)[0] for sid in todo)
     desc = f"{cfg.builder}" + (f" part {cfg.part}/{cfg.num_parts}" if cfg.num_parts > 1 else "")
@@ -335,7 +336,11 @@ def _run_shard(builder, items, plan, job: Job, split: str, index: int, progress)
             for key, members in samples:
                 w.add(key, members)
         record.update(
-            path=f"{split}/{final.name}", bytes=final.stat().st_size, sha256=file_sha256(final)
+            path=f"{split}/{final.name}",
+            bytes=w.bytes,
+            sha256=w.sha256,
+            index=f"{split}/{w.index.name}",
+            index_sha256=w.index_sha256,
         )
     rec_path = record_path(out, split, index)
     rec_path.parent.mkdir(parents=True, exist_ok=True)

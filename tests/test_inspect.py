@@ -128,7 +128,7 @@ def flip_json(d):
 
 
 def cut_at_header(d):
-    m = member_at(d / T0, 1, "mp4")
+    m = min(index_shard(d / T0).members[1].values(), key=lambda m: m.offset)  # its first member
     (d / T0).write_bytes((d / T0).read_bytes()[: m.offset - 512])
 
 

@@ -7,7 +7,7 @@ Stages (each a function or small class you can test alone):
     mix              (seed, slot) -> which dataset fills each global slot               (order.py)
     split            global batch of world*B slots -> this rank's B slots;
                      rank batches -> DataLoader workers round-robin                     (here)
-    read             (shard, member) -> bytes, by seeking via a header index            (shards.py)
+    read             (shard, member) -> bytes, by seeking via the shard's index file    (shards.py)
     decode + check   PyAV or decord, frame count vs metadata, crop, loss mask            (clips.py)
     batch            pad (to the longest clip, or clip_frames), or pack several clips per
                      row: frames (B,T,H,W,3) uint8, loss_mask, pad_mask, task_id
@@ -156,9 +156,20 @@ class Loader:
 
     def _setup(self) -> None:
         self._datasets = []
+        # what the manifest lists for each shard (its index file and the sha256s to check), for
+        # the readers: each reads a shard's index file when it first reads from that shard (an
+        # eager read of every index, in every rank, was 4 more stats and an open per shard
+        # before the first batch: docs/benchmarks.md, loader start-up)
+        self._listed: dict[str, tuple[str | None, str | None, str | None]] = {}
         for name, m, d in zip(self.names, self.manifests, self.cfg.train):
             s = m.splits[self.split]
             paths = shard_paths(d, s)
+            for p, sh in zip(paths, s.shards):
+                self._listed[p] = (
+                    str(Path(d) / sh.index) if sh.index else None,
+                    sh.index_sha256,
+                    sh.sha256,
+                )
             order = DatasetOrder(
                 name,
                 [sh.samples for sh in s.shards],
@@ -177,6 +188,10 @@ class Loader:
         if self.cfg.mix_by == "frames":  # a weight is a share of frames: fewer long clips
             w = w / np.array([mean for *_, mean in self._datasets])
         self.probs = w / w.sum()
+
+    def shard_reader(self) -> ShardReader:
+        """A reader of this loader's shards (one per worker: its own files and indexes)."""
+        return ShardReader(listed=self._listed)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -324,7 +339,8 @@ class Batches:
                 )
             )
         else:  # in this process: read plan by plan, checking should_stop between samples
-            self._plans, self._plan, self._reader = self._stream.plans(), None, ShardReader()
+            self._plans, self._plan = self._stream.plans(), None
+            self._reader = loader.shard_reader()
         self._ready: deque[tuple[dict, dict]] = deque()  # arrived, not yet handed out
         self._bad = _BadRun(loader)
         self._ended = False
@@ -478,7 +494,7 @@ class _Stream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        reader = ShardReader()  # one per worker: its own file handles and indexes
+        reader = self.loader.shard_reader()  # one per worker: its own file handles
         alloc = partial(self.slots.take, wid) if info and self.slots else None
         for n, plan in enumerate(self.plans()):
             if n % nw == wid:

@@ -1,9 +1,30 @@
-"""Random access into tar shards: an index of sample members, built from the tar headers alone.
+"""Random access into tar shards: a per-shard index of sample members, read from a small JSON
+file written beside each shard at build time, or (shards built before indexes) from the tar
+headers.
 
-A shard is a plain (uncompressed) tar of ``KEY.mp4`` + ``KEY.json`` pairs. Indexing walks the
-512-byte headers with seeks (no member data is read), groups members by key in file order, and
-records each member's data offset and size; a sample is then two seeks and two reads. A tar cut
-short just has fewer samples: the caller compares the count with the manifest.
+A shard is a plain (uncompressed) tar of ``KEY.json`` + ``KEY.mp4`` pairs, written by
+webdataset's ``TarWriter`` (preprocessing/shards.py); keys and extensions follow webdataset's
+convention (``webdataset.tariterators.base_plus_ext``). Its index, ``shard-NNNNNN.tar.idx.json``
+(``index_path``), lists every sample's members with their data offset and size, and the shard's
+size and sha256 (``INDEX_KIND``, below). The manifest lists it (``ShardInfo.index``,
+``index_sha256``). A sample is then one seek and one read per member.
+
+Why not wids' own per-shard index: ``wids`` (webdataset's indexed reader) keeps a shard's
+``file.tar.index`` as a pickle, and loading a pickle runs code; a dataset directory is not
+trusted that far. Its dataset-level ``wids-shard-index-v1`` JSON (shard urls and sample counts)
+carries no offsets, and the manifest already says as much.
+
+An index is untrusted input. ``parse_index`` checks every field (types, offsets on 512-byte
+blocks inside the shard, sizes within the shard and ``MAX_INDEX_BYTES``) and its recorded shard
+size and sha256 against the file and the manifest; a refused index (not JSON, forged offsets, a
+stale one for a shard since replaced) is logged once, naming the file, and the reader falls back
+to walking the headers. Each member read from a file index also reads the member's 512-byte tar
+header, just before its data (one read), and checks its checksum, name and size: an index that
+no longer matches its shard is caught at the first member and replaced by a header walk.
+
+Header walk (``index_shard``): seeks over the 512-byte headers (no member data is read), groups
+members by key in file order. A tar cut short just has fewer samples: the caller compares the
+count with the manifest.
 
 Shards are opened without blocking and only when they are regular files: a shard replaced by a
 FIFO would otherwise hang the reader in ``open`` (where no signal handler gets to run), and a
@@ -15,16 +36,32 @@ loader turns each into a skipped, counted sample.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import logging
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from webdataset.tariterators import base_plus_ext
+
+log = logging.getLogger(__name__)
+
 # The largest member read: far above any clip evav writes (a 1024x1024 FFV1 clip of 64 frames is
 # ~150 MiB) and any metadata (a few KiB), far below what would exhaust a loader worker's memory.
 MAX_MEMBER_BYTES = {"json": 16 * 2**20, "mp4": 2**30}
+BLOCK = tarfile.BLOCKSIZE  # 512
+INDEX_KIND = "evav-shard-index"
+INDEX_VERSION = 1
+INDEX_SUFFIX = ".idx.json"
+# An index is a few dozen bytes per sample; a shard holds at most size // 2048 samples.
+MAX_INDEX_BYTES = 64 * 2**20
+_MAX_KEY_CHARS = 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -40,13 +77,139 @@ class ShardIndex:
     members: list[dict[str, Member]]  # per sample: extension ("mp4", "json") -> member
     error: str | None = None  # why indexing stopped early, if it did
     unreadable: bool = False  # the file could not be opened as a tar at all (no sample indexed)
+    from_file: bool = False  # read from an index file (each read checks the member's header)
+    bytes: int | None = None  # the shard's size the index was made for (file indexes)
 
 
 def split_key(name: str) -> tuple[str, str]:
-    """``dir/abc.mp4`` -> (``dir/abc``, ``mp4``) (webdataset convention: first dot of the basename)."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext
+    """``dir/abc.mp4`` -> (``dir/abc``, ``mp4``): webdataset's ``base_plus_ext`` (first dot of
+    the basename); a name it cannot split (no dot) is its own key with no extension."""
+    key, ext = base_plus_ext(name)
+    return (name, "") if key is None else (key, ext)
+
+
+def index_path(shard: str | Path) -> Path:
+    """Where a shard's index lives: ``shard-NNNNNN.tar`` -> ``shard-NNNNNN.tar.idx.json``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name + INDEX_SUFFIX)
+
+
+def encode_index(
+    shard_name: str, size: int, sha256: str, samples: list[tuple[str, dict[str, tuple[int, int]]]]
+) -> bytes:
+    """The bytes of an index file (deterministic: the same shard gives the same bytes)."""
+    doc = {
+        "kind": INDEX_KIND,
+        "version": INDEX_VERSION,
+        "shard": shard_name,
+        "bytes": size,
+        "sha256": sha256,
+        "samples": [[key, {ext: [o, n] for ext, (o, n) in m.items()}] for key, m in samples],
+    }
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_index(data: bytes, shard: str | Path, size: int, sha256: str | None = None) -> ShardIndex:
+    """Index file bytes -> a checked ``ShardIndex`` for ``shard`` of ``size`` bytes (and, when
+    known, the manifest's ``sha256``); ValueError says why the index is refused."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"not JSON ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != INDEX_KIND:
+        raise ValueError(f"not an {INDEX_KIND} file")
+    if doc.get("version") != INDEX_VERSION:
+        raise ValueError(f"version {str(doc.get('version'))[:20]}, this evav reads {INDEX_VERSION}")
+    if doc.get("bytes") != size or not _is_int(doc.get("bytes")):
+        raise ValueError(f"made for a shard of {str(doc.get('bytes'))[:24]} bytes, it has {size}")
+    sha = doc.get("sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ValueError("its shard sha256 is not 64 lowercase hex digits")
+    if sha256 is not None and sha != sha256:
+        raise ValueError("made for another shard (its sha256 differs from the manifest's)")
+    samples = doc.get("samples")
+    if not isinstance(samples, list) or len(samples) * 2 * 2 * BLOCK > size:
+        raise ValueError("its sample list is not a list, or longer than the shard can hold")
+    keys: list[str] = []
+    members: list[dict[str, Member]] = []
+    end = 0  # where the previous member's data ends: members are listed in file order
+    for i, s in enumerate(samples):
+        if not (isinstance(s, list) and len(s) == 2 and isinstance(s[0], str)):
+            raise ValueError(f"sample {i} is not [key, members]")
+        key, ms = s
+        if not 0 < len(key) <= _MAX_KEY_CHARS or not isinstance(ms, dict) or not ms:
+            raise ValueError(f"sample {i} has a bad key or no members")
+        out = {}
+        for ext, m in ms.items():
+            if not (isinstance(m, list) and len(m) == 2 and all(_is_int(x) for x in m)):
+                raise ValueError(f"sample {i} member {ext[:20]!r} is not [offset, size]")
+            off, n = m
+            if off < BLOCK or off % BLOCK or n < 0 or off + n > size:
+                raise ValueError(
+                    f"sample {i} member {ext[:20]!r} at {off}+{n} is outside the {size}-byte shard"
+                )
+            if off < end + BLOCK:
+                raise ValueError(f"sample {i} member {ext[:20]!r} is not in file order")
+            end = off + n
+            out[ext] = Member(off, n)
+        keys.append(key)
+        members.append(out)
+    return ShardIndex(str(shard), keys, members, from_file=True, bytes=size)
+
+
+def load_index(
+    shard: str | Path,
+    index: str | Path | None = None,
+    index_sha256: str | None = None,
+    shard_sha256: str | None = None,
+) -> tuple[ShardIndex | None, str]:
+    """The shard's index from its file (``index``, default ``index_path(shard)``), checked; or
+    ``(None, why)``: no index file (a shard built before indexes) or a refused one. One small
+    read; the shard itself is only ``stat``-ed. ``index_sha256`` / ``shard_sha256``: what the
+    manifest lists, checked when given."""
+    ipath = Path(index) if index is not None else index_path(shard)
+    try:
+        size = os.stat(shard).st_size
+    except OSError as e:
+        return None, f"shard unreadable: {e}"
+    try:
+        f = open_shard(ipath)
+    except FileNotFoundError:
+        return None, "missing" if index is None else f"{ipath.name} is listed but missing"
+    except OSError as e:
+        return None, f"unreadable: {e}"
+    with f:
+        n = os.fstat(f.fileno()).st_size
+        if n > MAX_INDEX_BYTES:
+            return None, f"{n} bytes, over the {MAX_INDEX_BYTES}-byte limit for an index"
+        data = f.read(MAX_INDEX_BYTES + 1)
+    if index_sha256 is not None and hashlib.sha256(data).hexdigest() != index_sha256:
+        return None, "its sha256 differs from the manifest's"
+    try:
+        return parse_index(data, shard, size, shard_sha256), ""
+    except ValueError as e:
+        return None, str(e)
+
+
+def warn_no_index(shard: str | Path, why: str) -> None:
+    """The one warning for a shard read without its index file."""
+    if why == "missing":
+        log.warning(
+            "%s: no index (built before indexes): reading its tar headers; "
+            "rebuild with evav preprocess to skip this",
+            shard,
+        )
+    else:
+        log.warning(
+            "%s: index %s refused (%s): reading its tar headers instead",
+            shard,
+            index_path(shard).name,
+            why,
+        )
 
 
 def open_shard(path: str | Path) -> io.BufferedReader:
@@ -64,7 +227,8 @@ def open_shard(path: str | Path) -> io.BufferedReader:
 
 
 def index_shard(path: str | Path) -> ShardIndex:
-    """Index a shard; a corrupt or truncated tail ends the index early (recorded in ``error``)."""
+    """Index a shard from its tar headers; a corrupt or truncated tail ends the index early
+    (recorded in ``error``)."""
     keys: list[str] = []
     members: list[dict[str, Member]] = []
     error = None
@@ -94,18 +258,51 @@ def index_shard(path: str | Path) -> ShardIndex:
     return ShardIndex(str(path), keys, members, error)
 
 
-class ShardReader:
-    """Reads sample members by (shard path, member number); keeps indexes and file handles."""
+def _header_matches(buf: bytes, name: str, size: int) -> bool:
+    """Whether ``buf`` (512 bytes) is a valid tar header of a regular file ``name`` of ``size``."""
+    try:
+        info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+    except (tarfile.TarError, ValueError, EOFError):
+        return False
+    return info.isfile() and info.name == name and info.size == size
 
-    def __init__(self, max_open: int = 16):
-        self._index: dict[str, ShardIndex] = {}
+
+class _Stale(Exception):
+    """A file index that no longer matches its shard."""
+
+
+class ShardReader:
+    """Reads sample members by (shard path, member number); keeps indexes and file handles.
+
+    A shard's index is read from its index file when the reader first reads from the shard
+    (one small read; the tar headers are walked only for a shard without a usable index file,
+    with one warning). ``indexes``: indexes already loaded; ``no_index``: shards known to have
+    no usable index file (already warned about: walked silently); ``listed``: shard path ->
+    (index path, index sha256, shard sha256) from the manifest."""
+
+    def __init__(
+        self,
+        max_open: int = 16,
+        indexes: dict[str, ShardIndex] | None = None,
+        no_index: set[str] | None = None,
+        listed: dict[str, tuple[str | None, str | None, str | None]] | None = None,
+    ):
+        self._index: dict[str, ShardIndex] = dict(indexes or {})
+        self._no_index = set(no_index or ())
+        self._listed = listed or {}
         self._files: dict[str, object] = {}
         self.max_open = max_open
 
     def index(self, path: str) -> ShardIndex:
         idx = self._index.get(path)
         if idx is None:
-            idx = index_shard(path)
+            if path not in self._no_index:
+                idx, why = load_index(path, *self._listed.get(path, (None, None, None)))
+                if idx is None:
+                    warn_no_index(path, why)
+                    self._no_index.add(path)
+            if idx is None:
+                idx = index_shard(path)
             if not idx.unreadable:  # an unreadable shard is tried again (it may be back next time)
                 self._index[path] = idx
         return idx
@@ -119,27 +316,55 @@ class ShardReader:
         """``(key, {ext: bytes})`` of the ``member``-th sample, or None if the shard lacks it;
         ``(key, {})`` if the file ends inside the sample's data; ``OSError`` if the shard cannot
         be opened or a member is over ``MAX_MEMBER_BYTES``."""
+        try:
+            return self._read(path, member)
+        except _Stale as e:  # the shard changed since its index was written: walk its headers
+            log.warning("%s: index %s is stale (%s): reading its tar headers", path, *e.args)
+            self._index[path] = idx = index_shard(path)
+            self._no_index.add(path)
+            if idx.unreadable:
+                del self._index[path]
+            return self._read(path, member)
+
+    def _read(self, path: str, member: int) -> tuple[str, dict[str, bytes]] | None:
         idx = self.index(path)
+        f = self._files.get(path)
+        if f is None and (idx.from_file or member < len(idx.keys)):
+            if len(self._files) >= self.max_open:
+                self._files.pop(next(iter(self._files))).close()
+            try:
+                f = self._files[path] = open_shard(path)
+            except OSError:
+                if idx.from_file:  # gone or replaced since its index was read: forget both
+                    self._index.pop(path, None)
+                    self._no_index.add(path)
+                raise
+        file_size = os.fstat(f.fileno()).st_size if f is not None else 0
+        if idx.from_file and file_size != idx.bytes:
+            raise _Stale(index_path(path).name, f"shard is {file_size} bytes, not {idx.bytes}")
         if member >= len(idx.keys):
             return None
         key = idx.keys[member]
-        f = self._files.get(path)
-        if f is None:
-            if len(self._files) >= self.max_open:
-                self._files.pop(next(iter(self._files))).close()
-            f = self._files[path] = open_shard(path)
         out = {}
-        file_size = os.fstat(f.fileno()).st_size
         for ext, m in idx.members[member].items():
             limit = MAX_MEMBER_BYTES.get(ext, MAX_MEMBER_BYTES["json"])
             if m.size > limit:
                 raise OSError(f"{key}.{ext} has {m.size} bytes, over the {limit}-byte limit")
             if m.offset + m.size > file_size:  # a header claiming more than the file holds
                 return key, {}
-            f.seek(m.offset)
-            data = f.read(m.size)
-            if len(data) != m.size:
-                return key, {}
+            if idx.from_file:  # the member's header too, in the same read: is it still there?
+                f.seek(m.offset - BLOCK)
+                data = f.read(BLOCK + m.size)
+                if len(data) != BLOCK + m.size or not _header_matches(
+                    data[:BLOCK], f"{key}.{ext}", m.size
+                ):
+                    raise _Stale(index_path(path).name, f"no header of {key}.{ext} at its offset")
+                data = data[BLOCK:]
+            else:
+                f.seek(m.offset)
+                data = f.read(m.size)
+                if len(data) != m.size:
+                    return key, {}
             out[ext] = data
         return key, out
 
