@@ -9,7 +9,6 @@ Every case works on a copy of one tiny synthetic build (2 samples per shard).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ from evav.data.shards import (
 from evav.manifest import load_manifest
 from preprocessing.runner import BuildConfig, build
 from preprocessing.shards import ShardWriter
+from tests.test_inspect import members as tar_members
+from tests.test_inspect import write_tar
 
 OPTIONS = {"tasks": ["add", "count"], "train_per_task": 3, "val_per_task": 1}
 
@@ -62,19 +63,6 @@ def epoch_keys(d: Path, num_workers: int = 0) -> tuple[list[str], dict]:
     ld = Loader(DataConfig(train=[str(d)], num_workers=num_workers), batch_size=4, infinite=False)
     got = [k for b in ld for k in b["key"]]
     return got, ld.stats()
-
-
-def tar_members(shard: Path) -> list[tuple[str, bytes]]:
-    with tarfile.open(shard) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
-
-
-def write_tar(shard: Path, items: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def set_index(d: Path, shard_rel: str, data: bytes, fix_manifest: bool = True) -> Path:

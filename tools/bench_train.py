@@ -393,6 +393,38 @@ def flash_check(preset: str, micro_batch: int, clip_frames: int, size: int = 64)
     )
 
 
+def measure(row, args, ctx, data, run_dir, peak_threads, flops_frame, tokens, **cell) -> None:
+    """Fill ``row`` with one cell: the bf16 matmul peak just before it, then its training run
+    (``run_cell`` with ``cell``'s settings, unless the --budget is spent) summarised; printed."""
+    row["peak"] = matmul_peak(torch.bfloat16, args.device, peak_threads, ctx["cell_peak_s"])
+    timeout = ctx["budget"].cell_timeout()
+    t0 = time.perf_counter()
+    if timeout is None:
+        row["error"] = "skipped: over the --budget"
+    else:
+        res = run_cell(
+            data,
+            run_dir,
+            cell["preset"],
+            cell["zero"],
+            cell["procs"],
+            cell["threads"],
+            cell["micro_batch"],
+            args.clip_frames,
+            args.warmup + args.steps,
+            args.device,
+            timeout,
+            args.workers,
+            cell["size"],
+            cell["pad_to"],
+            cell["compile"],
+            ctx["extra"],
+        )
+        row.update(summarise(res, args.warmup, flops_frame, tokens))
+    row["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(row), flush=True)
+
+
 def run_grid(args, ctx: dict, work: Path) -> tuple[list[dict], str]:
     rows, data_note = [], ""
     for size in args.sizes:
@@ -413,36 +445,12 @@ def run_grid(args, ctx: dict, work: Path) -> tuple[list[dict], str]:
                         "micro_batch": mb,
                         "load": os.getloadavg()[0],
                     }
-                    row["peak"] = matmul_peak(
-                        torch.bfloat16, args.device, ctx["peak_threads"], ctx["cell_peak_s"]
-                    )
-                    timeout = ctx["budget"].cell_timeout()
-                    t0 = time.perf_counter()
-                    if timeout is None:
-                        row["error"] = "skipped: over the --budget"
-                    else:
-                        res = run_cell(
-                            data,
-                            work / "runs" / f"{preset}-{size}-z{zero}-p{procs}",
-                            preset,
-                            zero,
-                            procs,
-                            threads,
-                            mb,
-                            args.clip_frames,
-                            args.warmup + args.steps,
-                            args.device,
-                            timeout,
-                            args.workers,
-                            size,
-                            args.pad_to,
-                            args.compile,
-                            ctx["extra"],
-                        )
-                        row.update(summarise(res, args.warmup, flops_frame, tokens))
-                    row["wall_s"] = time.perf_counter() - t0
+                    run_dir = work / "runs" / f"{preset}-{size}-z{zero}-p{procs}"
+                    cell = dict(preset=preset, zero=zero, procs=procs, threads=threads)
+                    cell.update(micro_batch=mb, size=size, pad_to=args.pad_to)
+                    measure(row, args, ctx, data, run_dir, ctx["peak_threads"], flops_frame,
+                            tokens, compile=args.compile, **cell)  # fmt: skip
                     rows.append(row)
-                    print(json.dumps(row), flush=True)
     return rows, data_note
 
 
@@ -567,34 +575,11 @@ def run_variants(args, ctx: dict, work: Path) -> tuple[list[dict], dict]:
     rows = []
     for name, compile, pad_to in VARIANTS:
         row = {"variant": name, "compile": compile, "pad_to": pad_to, "load": os.getloadavg()[0]}
-        row["peak"] = matmul_peak(torch.bfloat16, args.device, threads, ctx["cell_peak_s"])
-        timeout = ctx["budget"].cell_timeout()
-        t0 = time.perf_counter()
-        if timeout is None:
-            row["error"] = "skipped: over the --budget"
-        else:
-            res = run_cell(
-                data,
-                work / "runs" / f"variant-{preset}-{size}-{'c' if compile else 'e'}-{pad_to}",
-                preset,
-                zero,
-                1,
-                threads,
-                mb,
-                args.clip_frames,
-                args.warmup + args.steps,
-                args.device,
-                timeout,
-                args.workers,
-                size,
-                pad_to,
-                compile,
-                ctx["extra"],
-            )
-            row.update(summarise(res, args.warmup, flops_frame, tokens))
-        row["wall_s"] = time.perf_counter() - t0
+        run_dir = work / "runs" / f"variant-{preset}-{size}-{'c' if compile else 'e'}-{pad_to}"
+        cell = dict(preset=preset, zero=zero, procs=1, threads=threads, micro_batch=mb)
+        measure(row, args, ctx, data, run_dir, threads, flops_frame, tokens,
+                size=size, pad_to=pad_to, compile=compile, **cell)  # fmt: skip
         rows.append(row)
-        print(json.dumps(row), flush=True)
     info = dict(
         preset=preset,
         params_m=params_m,
