@@ -99,8 +99,10 @@ class ShardWriter:
                     f.flush()
                     os.fsync(f.fileno())
                 self.index_sha256 = hashlib.sha256(data).hexdigest()
-                self.tmp.replace(self.path)
+                # the index first: a shard under its final name (what a resumed build counts as
+                # done) always has its index beside it
                 self.index_tmp.replace(self.index)
+                self.tmp.replace(self.path)
         finally:
             self.tmp.unlink(missing_ok=True)
             self.index_tmp.unlink(missing_ok=True)
