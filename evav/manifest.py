@@ -398,8 +398,31 @@ def parse_sample_meta(data: bytes, where: str = "sample") -> SampleMeta:
     return meta
 
 
-def manifest_path(directory: str | Path) -> Path:
+def manifest_path(directory: str | Path) -> Path | str:
+    """``DIR/manifest.json``; a URL (str) inside a URL dataset directory."""
+    if _is_url(directory):
+        return f"{str(directory).rstrip('/')}/{MANIFEST_NAME}"
     return Path(directory) / MANIFEST_NAME
+
+
+def _is_url(directory) -> bool:
+    from evav.data.remote import is_url  # (evav.data imports this module)
+
+    return is_url(str(directory))
+
+
+def _read_remote_manifest(url: str) -> bytes:
+    """A URL dataset's manifest bytes: one HEAD, one GET (bounded); a missing one is the same
+    ValueError as a local one, with the store's reason; any other failure an OSError naming it."""
+    from evav.data import remote
+
+    try:
+        return remote.read_bytes(url, MAX_MANIFEST_BYTES)
+    except FileNotFoundError as e:
+        raise ValueError(
+            f"{url}: no manifest ({getattr(e, 'reason', e)}; build the dataset with `evav preprocess` "
+            "and upload the whole folder)"
+        ) from None
 
 
 def load_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
@@ -409,8 +432,21 @@ def load_manifest(directory: str | Path, check_files: bool = True) -> Manifest:
     manifest that lies about ``bytes`` as well as ``samples``); missing files are left to the
     reader (``evav.data.shards.shard_paths``), mismatching ones to ``evav inspect --verify``,
     which passes False to report every shard's problem instead of stopping at the first.
+
+    ``directory`` may be a URL (``s3://``, ``https://``: evav.data.remote); ``check_files`` is
+    then not done (a HEAD per shard): each shard's real size is asked when its index is loaded,
+    and its index (its sample list) is checked against it.
     """
     path = manifest_path(directory)
+    if isinstance(path, str):  # a URL: read through fsspec; the shards are not asked for here
+        raw = _read_remote_manifest(path)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(
+                f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        return Manifest.from_dict(data, path)
     if not path.is_file():
         raise ValueError(
             f"{path}: no manifest (build the dataset with `evav preprocess`, "
@@ -451,5 +487,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 def save_manifest(directory: str | Path, manifest: Manifest) -> Path:
     path = manifest_path(directory)
+    if isinstance(path, str):  # not yet: datasets are built locally, then uploaded whole
+        raise ValueError(f"{path}: writing a manifest to a URL is not supported")
     write_json_atomic(path, manifest.to_dict())
     return path

@@ -57,6 +57,7 @@ from evav.config import ConfigError
 from evav.data.clips import REASONS, BadSample, Sample, check_decoder, make_sample
 from evav.data.handoff import FrameSlots
 from evav.data.order import DatasetOrder, mix_choices
+from evav.data.remote import check_remote, is_url, join
 from evav.data.shards import ShardReader, shard_paths
 from evav.manifest import Manifest, load_manifest
 
@@ -68,7 +69,9 @@ _POLL_S = 0.2  # with workers, how often a wait for data checks should_stop
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # shard directories (each has manifest.json)
+    # shard directories (each has manifest.json), local or URLs: s3://bucket/prefix/dataset,
+    # https://host/dataset (credentials and endpoint from the AWS_* environment; evav[remote])
+    train: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # one per directory; empty: equal
     mix_by: Literal["samples", "frames"] = "samples"  # weights count samples, or frames
     clip_frames: int = 16  # longer clips are cropped to this many frames
@@ -130,6 +133,10 @@ class Loader:
                 raise ValueError(
                     f"data.train entry {d!r} is a shell command (pipe:); give a directory"
                 )
+            if is_url(str(d)):  # s3:// and https:// need the remote extra: refused here, once
+                why = check_remote(str(d))
+                if why:
+                    raise ConfigError(f"data.train entry {why}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.batch_size, self.seed, self.infinite = batch_size, seed, infinite
         self.split = cfg.val_split if split == "val" else split
@@ -166,7 +173,7 @@ class Loader:
             paths = shard_paths(d, s)
             for p, sh in zip(paths, s.shards):
                 self._listed[p] = (
-                    str(Path(d) / sh.index) if sh.index else None,
+                    join(str(d), sh.index) if sh.index else None,
                     sh.index_sha256,
                     sh.sha256,
                 )

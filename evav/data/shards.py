@@ -32,6 +32,13 @@ directory or device is no tar. A member larger than ``MAX_MEMBER_BYTES`` is refu
 read (a forged header must not make the reader allocate gigabytes). A failure is an ``OSError``,
 an index with ``error`` set, or a read with no members (the file ends inside the sample); the
 loader turns each into a skipped, counted sample.
+
+Shard URLs (a dataset directory given as ``s3://`` or ``https://``, evav.data.remote): the same
+reader and the same checks, over ranged reads. ``load_index`` asks the store for the shard's
+size (one HEAD, once per shard per reader) and checks the index against it exactly as against a
+local file's size; a member read is one ranged GET of its header and data (``RemoteFile``,
+which never reads past the object's size); the header walk fetches 64 KiB at a time. A shard
+missing from the store is a read error for each of its samples.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
+
+from evav.data import remote
+from evav.data.remote import RemoteFile, is_url
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +98,11 @@ def split_key(name: str) -> tuple[str, str]:
     return (name, "") if key is None else (key, ext)
 
 
-def index_path(shard: str | Path) -> Path:
-    """Where a shard's index lives: ``shard-NNNNNN.tar`` -> ``shard-NNNNNN.tar.idx.json``."""
+def index_path(shard: str | Path) -> Path | str:
+    """Where a shard's index lives: ``shard-NNNNNN.tar`` -> ``shard-NNNNNN.tar.idx.json`` (a
+    URL, as a str, beside a shard URL)."""
+    if is_url(str(shard)):
+        return str(shard) + INDEX_SUFFIX
     shard = Path(shard)
     return shard.with_name(shard.name + INDEX_SUFFIX)
 
@@ -170,29 +183,59 @@ def load_index(
     """The shard's index from its file (``index``, default ``index_path(shard)``), checked; or
     ``(None, why)``: no index file (a shard built before indexes) or a refused one. One small
     read; the shard itself is only ``stat``-ed. ``index_sha256`` / ``shard_sha256``: what the
-    manifest lists, checked when given."""
-    ipath = Path(index) if index is not None else index_path(shard)
-    try:
-        size = os.stat(shard).st_size
-    except OSError as e:
-        return None, f"shard unreadable: {e}"
-    try:
-        f = open_shard(ipath)
-    except FileNotFoundError:
-        return None, "missing" if index is None else f"{ipath.name} is listed but missing"
-    except OSError as e:
-        return None, f"unreadable: {e}"
-    with f:
-        n = os.fstat(f.fileno()).st_size
-        if n > MAX_INDEX_BYTES:
-            return None, f"{n} bytes, over the {MAX_INDEX_BYTES}-byte limit for an index"
-        data = f.read(MAX_INDEX_BYTES + 1)
+    manifest lists, checked when given.
+
+    A shard URL: its size is asked of the store (one HEAD) and the index read in one GET, bounded
+    by ``MAX_INDEX_BYTES``; the index is then checked exactly as a local one."""
+    if is_url(str(shard)):
+        data, size, why = _load_remote_index(str(shard), index)
+        if data is None:
+            return None, why
+    else:
+        data, size, why = _load_local_index(shard, index)
+        if data is None:
+            return None, why
     if index_sha256 is not None and hashlib.sha256(data).hexdigest() != index_sha256:
         return None, "its sha256 differs from the manifest's"
     try:
         return parse_index(data, shard, size, shard_sha256), ""
     except ValueError as e:
         return None, str(e)
+
+
+def _load_remote_index(shard: str, index) -> tuple[bytes | None, int, str]:
+    ipath = str(index) if index is not None else str(index_path(shard))
+    try:
+        size = remote.size(shard)
+    except OSError as e:
+        return None, 0, f"shard unreadable: {e}"
+    try:
+        return remote.read_bytes(ipath, MAX_INDEX_BYTES), size, ""
+    except FileNotFoundError:
+        why = "missing" if index is None else f"{remote.basename(ipath)} is listed but missing"
+        return None, 0, why
+    except OSError as e:
+        return None, 0, f"unreadable: {e}"
+
+
+def _load_local_index(shard, index) -> tuple[bytes | None, int, str]:
+    ipath = Path(index) if index is not None else index_path(shard)
+    try:
+        size = os.stat(shard).st_size
+    except OSError as e:
+        return None, 0, f"shard unreadable: {e}"
+    try:
+        f = open_shard(ipath)
+    except FileNotFoundError:
+        return None, 0, "missing" if index is None else f"{ipath.name} is listed but missing"
+    except OSError as e:
+        return None, 0, f"unreadable: {e}"
+    with f:
+        n = os.fstat(f.fileno()).st_size
+        if n > MAX_INDEX_BYTES:
+            return None, 0, f"{n} bytes, over the {MAX_INDEX_BYTES}-byte limit for an index"
+        data = f.read(MAX_INDEX_BYTES + 1)
+    return data, size, ""
 
 
 def warn_no_index(shard: str | Path, why: str) -> None:
@@ -207,13 +250,19 @@ def warn_no_index(shard: str | Path, why: str) -> None:
         log.warning(
             "%s: index %s refused (%s): reading its tar headers instead",
             shard,
-            index_path(shard).name,
+            remote.basename(index_path(shard)),
             why,
         )
 
 
-def open_shard(path: str | Path) -> io.BufferedReader:
-    """Open a shard for reading; ``OSError`` unless it is a regular file (never blocks on a FIFO)."""
+def open_shard(
+    path: str | Path, size: int | None = None, read_ahead: int = 0
+) -> io.BufferedReader | RemoteFile:
+    """Open a shard for reading; ``OSError`` unless it is a regular file (never blocks on a FIFO).
+    A URL: a ``RemoteFile`` of ``size`` bytes (given: no request; else one HEAD), each read one
+    ranged GET (``read_ahead``: see ``RemoteFile``)."""
+    if is_url(str(path)):
+        return RemoteFile(str(path), size, read_ahead)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         mode = os.fstat(fd).st_mode
@@ -233,7 +282,7 @@ def index_shard(path: str | Path) -> ShardIndex:
     members: list[dict[str, Member]] = []
     error = None
     try:
-        f = open_shard(path)
+        f = open_shard(path, read_ahead=remote.READ_AHEAD)  # (a URL: headers in 64 KiB reads)
     except OSError as e:
         return ShardIndex(str(path), [], [], f"unreadable shard: {e}", unreadable=True)
     try:
@@ -333,15 +382,19 @@ class ShardReader:
             if len(self._files) >= self.max_open:
                 self._files.pop(next(iter(self._files))).close()
             try:
-                f = self._files[path] = open_shard(path)
+                # a URL's size: the one its index was checked against (asked when it was loaded)
+                size = idx.bytes if idx.from_file else None
+                f = self._files[path] = open_shard(path, size)
             except OSError:
                 if idx.from_file:  # gone or replaced since its index was read: forget both
                     self._index.pop(path, None)
                     self._no_index.add(path)
                 raise
-        file_size = os.fstat(f.fileno()).st_size if f is not None else 0
+        file_size = _file_size(f) if f is not None else 0
         if idx.from_file and file_size != idx.bytes:
-            raise _Stale(index_path(path).name, f"shard is {file_size} bytes, not {idx.bytes}")
+            raise _Stale(
+                remote.basename(index_path(path)), f"shard is {file_size} bytes, not {idx.bytes}"
+            )
         if member >= len(idx.keys):
             return None
         key = idx.keys[member]
@@ -358,7 +411,9 @@ class ShardReader:
                 if len(data) != BLOCK + m.size or not _header_matches(
                     data[:BLOCK], f"{key}.{ext}", m.size
                 ):
-                    raise _Stale(index_path(path).name, f"no header of {key}.{ext} at its offset")
+                    raise _Stale(
+                        remote.basename(index_path(path)), f"no header of {key}.{ext} at its offset"
+                    )
                 data = data[BLOCK:]
             else:
                 f.seek(m.offset)
@@ -374,10 +429,20 @@ class ShardReader:
         self._files.clear()
 
 
+def _file_size(f) -> int:
+    return f.size if isinstance(f, RemoteFile) else os.fstat(f.fileno()).st_size
+
+
+_URL_PATH = re.compile(r"[A-Za-z0-9._/-]+")
+
+
 def shard_paths(directory: str | Path, split) -> list[str]:
     """The shard files of a manifest split (``SplitInfo``), checked: inside ``directory``, present.
 
     ``pipe:`` commands, absolute paths and ``..`` are refused: a manifest names files only.
+    A URL ``directory``: the shards are URLs inside it (their path only letters, digits and
+    ``._/-``: nothing a URL reads as a query, fragment or escape); they are not asked for here
+    (a missing one is a bad sample for each of its samples, as a shard deleted mid-run).
     """
     for sh in split.shards:
         if (
@@ -389,6 +454,15 @@ def shard_paths(directory: str | Path, split) -> list[str]:
                 f"{directory}: manifest lists shard {sh.path!r}; shards must be files "
                 "inside the dataset directory (pipe: commands are refused)"
             )
+    if is_url(str(directory)):
+        for sh in split.shards:
+            for rel in (sh.path, sh.index):
+                if rel is not None and (not _URL_PATH.fullmatch(rel) or "//" in rel):
+                    raise ValueError(
+                        f"{directory}: manifest lists shard {rel[:80]!r}; in a URL dataset, "
+                        "shard and index paths hold only letters, digits and ._/-"
+                    )
+        return [remote.join(str(directory), sh.path) for sh in split.shards]
     paths = [str(Path(directory) / sh.path) for sh in split.shards]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
