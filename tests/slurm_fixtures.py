@@ -163,11 +163,17 @@ class SlurmHarness:
     # ---------------------------------------------------------------- job state
 
     def job(self, job_id: int | str) -> dict[str, str]:
-        """The job's ``scontrol show job`` record ({} once Slurm has forgotten it)."""
-        res = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
-        if res.returncode != 0 or not res.stdout.strip():
-            return {}
-        return parse_scontrol_record(res.stdout.splitlines()[0])
+        """The job's ``scontrol show job`` record ({} once Slurm has forgotten it). A failed
+        query that is not "Invalid job id" (munge refusing a replayed credential, slurmctld
+        busy: seen on a loaded machine) is tried again, a few times, before it counts as {}."""
+        for attempt in range(5):
+            res = self.run("scontrol", "show", "job", "-o", str(job_id), check=False)
+            if res.returncode == 0 and res.stdout.strip():
+                return parse_scontrol_record(res.stdout.splitlines()[0])
+            if res.returncode == 0 or "Invalid job id" in (res.stderr or ""):
+                return {}
+            time.sleep(0.5 * (attempt + 1))
+        return {}
 
     def state(self, job_id: int | str) -> str:
         """The job's state (``PENDING``, ``RUNNING``, ``COMPLETING``, ``COMPLETED``, ...).
