@@ -259,7 +259,7 @@ def train(cfg: TrainConfig) -> dict:
                     out.total * float("nan") if faults.active("nan_loss", attempt) else out.total
                 )
                 bad += ~torch.isfinite(total)
-                sums += _packed(total.detach(), out)
+                sums += _loss_vector(total.detach(), out)
                 with faults.inf_grad(engine.module, attempt):
                     engine.backward(total * scale)
                 if i < gas - 1:
@@ -370,7 +370,7 @@ def validate(engine, val_loader: Loader, cfg: TrainConfig, tasks: list[str], dev
                 batch["task_id"].to(device),
                 len(tasks),
             )
-            sums += _packed(out.total, out)
+            sums += _loss_vector(out.total, out)
     engine.train()
     out = _losses(dist.all_reduce(sums, "sum"), tasks, "val")
     data = val_loader.stats(reduce=lambda t, op: dist.all_reduce(t.to(device), op).cpu())
@@ -400,7 +400,7 @@ def _packing(batch: dict) -> dict:
     return {} if seg is None else {"segments_BT": seg.to(dist.device())}
 
 
-def _packed(total: torch.Tensor, out) -> torch.Tensor:
+def _loss_vector(total: torch.Tensor, out) -> torch.Tensor:
     """One micro-batch's [loss sum, frames, per task (loss sums), per task (frames)], the vector
     the trainer and validation add up on the device and ``_losses`` reads."""
     return torch.cat([total.reshape(1), out.count.reshape(1), out.tasks_2K.flatten()])

@@ -26,6 +26,7 @@ from evav import distributed as dist
 from evav.metrics import read_metrics
 from evav.model import ms_ssim, next_frame_loss, next_frame_loss_sums
 from tests.test_hostile_loader import build_synthetic, corrupt_every_clip
+from tools.check_host_sync import EVAV_FILES, HOST_ONLY
 from tools.mlflow_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -234,8 +235,7 @@ def test_a_training_step_reads_one_value_from_the_device():
     evav_sites = {
         k: v
         for k, v in result["sites"].items()
-        if k not in ("train.py:_host_counts", "distributed.py:host_any")
-        and k.split(":")[0] in {p.name for p in (REPO / "evav").rglob("*.py")}
+        if k not in HOST_ONLY and k.split(":")[0] in EVAV_FILES
     }
     assert evav_sites == {"distributed.py:optimizer_step": 1.0}, result
     assert result["evav"] == 1.0
