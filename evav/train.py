@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import random
 import resource
@@ -101,12 +102,25 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train to ``cfg.steps``; returns the final summary (step, last losses)."""
+    """Train to ``cfg.steps``; returns the final summary (step, last losses).
+
+    The process group is destroyed after ``_train`` has returned and its engine (whose ZeRO
+    partitions and hooks hold references to the groups, and gloo's worker threads their last
+    async work) has been collected: freed later, during interpreter shutdown, gloo's threads
+    abort the process ("terminate called without an active exception", SIGABRT) after a run
+    that had finished and checkpointed."""
+    try:
+        return _train(cfg)
+    finally:
+        gc.collect()
+        dist.destroy()
+
+
+def _train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     with contextlib.ExitStack() as stack:
         # -- distributed and logging ------------------------------------------------------
         denv = dist.init(cfg.engine)
-        stack.callback(dist.destroy)
         _setup_logging(denv.rank)
         # one trainer per run dir: rank 0 locks RUN/.lock before anything is written there
         stack.enter_context(runlock.hold(run_dir, denv.is_main))
@@ -317,6 +331,7 @@ def train(cfg: TrainConfig) -> dict:
                 _save(engine, run_dir, step, state, loader, denv, metrics, config_yaml, cfg)
             if stop:  # the checkpoint is committed
                 return _stop_preempted(step, preempt, metrics, denv)
+        dist.barrier()  # every rank done with its collectives before any leaves
         return {"step": step, "preempted": False, "last_loss": window.last_loss}
 
 
