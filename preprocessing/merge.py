@@ -4,6 +4,13 @@ Runs at the end of a single-part build, or as its own step after all parts of a 
 build (`evav preprocess --merge --out DIR`, the dependent job in slurm/preprocess.sbatch). It
 refuses to write a manifest while any shard is missing, and says which part should build it.
 Merging is idempotent: the manifest depends only on the records, never on the order parts ran.
+
+Beside the manifest it writes one ``wids-SPLIT.json`` per split: the dataset-level descriptor
+(``wids-shard-index-v1``: each shard's relative url, sample count and size) with which
+webdataset's indexed reader opens the split, ``wids.ShardListDataset("DIR/wids-train.json")``.
+wids indexes a local shard itself (an mmap over its tar headers); evav's own readers never read
+these files. They are written before the manifest, which is written last: a dataset whose
+manifest exists is complete.
 """
 
 from __future__ import annotations
@@ -12,7 +19,14 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from evav.manifest import Manifest, Quarantined, ShardInfo, SplitInfo, save_manifest
+from evav.manifest import (
+    Manifest,
+    Quarantined,
+    ShardInfo,
+    SplitInfo,
+    save_manifest,
+    write_json_atomic,
+)
 from preprocessing.layout import STATE, plan_path, read_json, read_record
 
 
@@ -78,5 +92,26 @@ def merge(out: str | Path) -> Manifest:
         commands=commands,
         code_version=plan["code_version"],
     )
+    for split, info in splits.items():
+        write_json_atomic(out / wids_name(split), wids_descriptor(manifest.builder, split, info))
     save_manifest(out, manifest)
     return manifest
+
+
+WIDS_KIND = "wids-shard-index-v1"
+
+
+def wids_name(split: str) -> str:
+    return f"wids-{split}.json"
+
+
+def wids_descriptor(builder: str, split: str, info: SplitInfo) -> dict:
+    """webdataset's wids descriptor of one split: shard urls relative to the dataset folder."""
+    return {
+        "__kind__": WIDS_KIND,
+        "wids_version": 1,
+        "name": f"{builder}-{split}",
+        "shardlist": [
+            {"url": sh.path, "nsamples": sh.samples, "filesize": sh.bytes} for sh in info.shards
+        ],
+    }

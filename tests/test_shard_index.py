@@ -155,6 +155,30 @@ def test_plain_webdataset_reads_every_shard(built):
         assert [x["__key__"] for x in got] == [k for k, _ in keys]
 
 
+def test_wids_reads_every_split_from_its_descriptor(built, tmp_path):
+    """webdataset's indexed reader opens each split from the build's ``wids-SPLIT.json``: as
+    many samples as the manifest says, in shard order, each with its json and mp4 bytes."""
+    import wids
+
+    m = load_manifest(built)
+    for split, s in sorted(m.splits.items()):
+        desc = json.loads((built / f"wids-{split}.json").read_text())
+        assert desc["__kind__"] == "wids-shard-index-v1"
+        assert [(x["url"], x["nsamples"]) for x in desc["shardlist"]] == [
+            (sh.path, sh.samples) for sh in s.shards
+        ]
+        ds = wids.ShardListDataset(
+            str(built / f"wids-{split}.json"), cache_dir=str(tmp_path / split), transformations=[]
+        )
+        assert len(ds) == s.samples
+        keys = [k for sh in s.shards for k, _ in index_doc(built, sh.path)["samples"]]
+        got = [ds[i] for i in range(len(ds))]
+        assert [x["__key__"] for x in got] == keys
+        for x in got:
+            meta = json.loads(x[".json"].read())
+            assert meta["num_frames"] > 0 and x[".mp4"].read()[4:8] == b"ftyp"
+
+
 def test_writer_leaves_nothing_when_the_block_raises(tmp_path):
     final = tmp_path / "s" / "shard-000000.tar"
     with pytest.raises(RuntimeError), ShardWriter(final, "t") as w:
