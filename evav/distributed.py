@@ -13,6 +13,7 @@ import datetime
 import logging
 import math
 import os
+import pickle
 import re
 import subprocess
 from collections.abc import Callable
@@ -373,20 +374,51 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 _HOST_GROUP: list = []  # a gloo group for flags the host owns, made once (see host_any)
 
 
+def _host_group():
+    """The group for host values: the default one on gloo, else a gloo group made once (every
+    rank reaches the first call at the same point)."""
+    if torch.distributed.get_backend() == "gloo":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run once, on rank 0, its result given to every rank over the host group (what
+    every rank would otherwise read from disk, read once); its exception is raised on every rank
+    (rank 0's with its traceback), so a bad input stops every rank with the same message."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return fn()
+    box: list[Any] = [None]
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            box = [("ok", fn())]
+        except Exception as e:
+            error = e
+            try:  # what the other ranks will rebuild (an exception whose __init__ takes
+                pickle.loads(pickle.dumps(e))  # other arguments than its args would not)
+                box = [("error", e)]
+            except Exception:  # an exception that does not pickle travels as its message
+                box = [("error", RuntimeError(f"{type(e).__name__}: {e}"))]
+    torch.distributed.broadcast_object_list(box, src=0, group=_host_group())
+    kind, value = box[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        raise value
+    return value
+
+
 def host_any(flag: bool) -> bool:
     """True on every rank when ``flag`` is True on any: a host value (the preemption flag)
     reduced over gloo, so it neither waits for the device's queue nor makes the device wait (on
     NCCL a host flag would be copied to the GPU and read back: a synchronisation every step)."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
         return flag
-    if torch.distributed.get_backend() == "gloo":
-        group = None
-    else:
-        if not _HOST_GROUP:  # every rank reaches the first call at the same point
-            _HOST_GROUP.append(torch.distributed.new_group(backend="gloo"))
-        group = _HOST_GROUP[0]
     t = torch.tensor([float(flag)])
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=_host_group())
     return bool(t.item())
 
 

@@ -42,8 +42,10 @@ import torch
 
 from evav import checkpoint, faults, resume, runlock
 from evav import distributed as dist
-from evav.config import dump_yaml, load_config
+from evav.config import ConfigError, dump_yaml, load_config
 from evav.data import DataConfig, Loader
+from evav.data.catalog import read_catalog
+from evav.data.remote import is_url
 from evav.distributed import EngineConfig, OptimConfig
 from evav.frames.write import contact_sheet
 from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
@@ -134,6 +136,10 @@ def _train(cfg: TrainConfig) -> dict:
         resume.check_allow(cfg)
 
         # -- data ------------------------------------------------------------------------
+        # manifests and shard indexes read once, by rank 0, for every rank and loader worker
+        splits = ["train"] + ([cfg.data.val_split] if cfg.val_every else [])
+        catalog = dist.from_main(lambda: read_catalog(cfg.data.train, splits))
+        log.info("catalog: %s on rank 0", catalog.summary())
         loader = Loader(
             cfg.data,
             split="train",
@@ -141,6 +147,7 @@ def _train(cfg: TrainConfig) -> dict:
             world_size=denv.world_size,
             batch_size=cfg.micro_batch,
             seed=cfg.seed,
+            catalog=catalog,
         )
         val_loader = None
         if cfg.val_every and loader.has_split("val"):
@@ -152,6 +159,7 @@ def _train(cfg: TrainConfig) -> dict:
                 batch_size=cfg.micro_batch,
                 seed=cfg.seed,
                 infinite=False,
+                catalog=catalog,
             )
         tasks = loader.task_names
 
@@ -649,7 +657,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=200 model.depth=4")
 
 
+def check(cfg: TrainConfig) -> None:
+    """The checks that need no process group and no data read, run before either starts: a
+    mistake is one line naming the key (ConfigError: exit 2), not a traceback from every rank
+    after DeepSpeed and the process group have started."""
+    at_least = {
+        "steps": (cfg.steps, 1),
+        "micro_batch": (cfg.micro_batch, 1),
+        "log_every": (cfg.log_every, 1),
+        "val_every": (cfg.val_every, 0),
+        "val_batches": (cfg.val_batches, 1),
+        "ckpt_every": (cfg.ckpt_every, 0),
+        "keep_last": (cfg.keep_last, 1),
+        "keep_every": (cfg.keep_every, 0),
+        "max_skipped_steps": (cfg.max_skipped_steps, 1),
+        # one frame has nothing to predict from: the loss would be 0 and nothing would train
+        "data.clip_frames": (cfg.data.clip_frames, 2),
+        "data.num_workers": (cfg.data.num_workers, 0),
+        "data.window": (cfg.data.window, 1),
+        "engine.grad_accum_steps": (cfg.engine.grad_accum_steps, 1),
+    }
+    for key, (v, lo) in at_least.items():
+        if v < lo:
+            raise ConfigError(f"{key}={v}: must be at least {lo}")
+    try:
+        cfg.model.resolved()
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give one or more dataset directories")
+    for d in cfg.data.train:
+        if not is_url(str(d)) and not (Path(d) / "manifest.json").is_file():
+            why = "does not exist" if not Path(d).exists() else "has no manifest.json"
+            raise ConfigError(f"data.train entry {d} {why}: give a folder built by evav preprocess")
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, list(args.overrides))
+    check(cfg)
     result = train(cfg)
     return PREEMPTED_EXIT if result["preempted"] else 0

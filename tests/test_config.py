@@ -103,3 +103,39 @@ def test_dataclass_validation_errors_surface_as_config_errors():
 def test_exponent_floats_without_a_dot_are_numbers():
     """YAML 1.1 reads `3e-4` as a string; a float field still takes it as a number."""
     assert load_config(Outer, None, ["inner.rate=3e-4"]).inner.rate == 3e-4
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("steps=-5", "steps=-5: must be at least 1"),
+        ("steps=0", "steps=0: must be at least 1"),
+        ("micro_batch=0", "micro_batch=0: must be at least 1"),
+        ("data.clip_frames=1", "data.clip_frames=1: must be at least 2"),
+        ("engine.grad_accum_steps=0", "engine.grad_accum_steps=0: must be at least 1"),
+        ("model.preset=ZZ", "unknown model preset 'ZZ'"),
+        ("data.train=[/nonexistent/evav-data]", "/nonexistent/evav-data does not exist"),
+    ],
+)
+def test_train_mistakes_stop_before_any_process_group_with_one_line(override, message, capsys):
+    """`evav train` checks its config before DeepSpeed and the process group start: exit 2 and
+    one line naming the key, no traceback, no run directory written."""
+    from pathlib import Path
+
+    from evav.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    rc = main(["train", str(repo / "configs" / "debug.yaml"), override, "run_dir=/nonexistent/r"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("evav train: error: ") and message in err and "\n" not in err
+
+
+def test_train_refuses_a_folder_without_manifest(tmp_path, capsys):
+    from pathlib import Path
+
+    from evav.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    rc = main(["train", str(repo / "configs/debug.yaml"), f"data.train=[{tmp_path}]"])
+    assert rc == 2 and "has no manifest.json" in capsys.readouterr().err

@@ -197,7 +197,9 @@ def test_writer_refuses_keys_webdataset_would_split_otherwise(tmp_path):
 def test_the_loader_reads_index_files_and_never_walks_tar_headers(d, monkeypatch):
     ld = Loader(DataConfig(train=[str(d)]), batch_size=4, infinite=False)
     paths = {str(d / sh.path) for split, sh in all_shards(d) if split == "train"}
-    assert set(ld._listed) == paths  # the manifest's listing, no index read yet
+    assert set(ld.catalog.listed) == paths  # the manifest's listing
+    assert set(ld.catalog.indexes) == paths  # every index read once, from its file
+    assert all(idx.from_file for idx in ld.catalog.indexes.values())
 
     def no_io(*a, **k):
         raise AssertionError("tar headers walked")

@@ -6,10 +6,11 @@
 
 Builds a synthetic dataset of --num-shards train shards (`evav preprocess synthetic
 --shard-samples 2`, 2 samples of 6 frames at 64x64 each) into a temporary folder, then, for each
-configuration (DataLoader workers per rank x ranks), starts a fresh Python process that builds
-the Loader(s) and takes one batch from each rank (batch 8, window 4, PyAV). Ranks > 1 are
-several Loader objects (rank r of world_size R) in that one process, their workers all started
-before the first batch is taken, as R ranks on one host would.
+configuration (DataLoader workers per rank x ranks), starts a fresh Python process that reads
+the catalog (manifest and shard indexes, evav/data/catalog.py) once, as rank 0 does in
+training, builds the Loader(s) on it and takes one batch from each rank (batch 8, window 4,
+PyAV). Ranks > 1 are several Loader objects (rank r of world_size R) in that one process, their
+workers all started before the first batch is taken, as R ranks on one host would.
 
 - seconds: from just before ``Loader(...)`` (manifest read and checked) to the first batch in
   hand (every rank's), imports excluded; median of --repeats processes, configurations taken in
@@ -65,11 +66,14 @@ KINDS = {
 def child(data: str, workers: int, ranks: int, batch_size: int) -> None:
     """Build ``ranks`` Loaders, take each one's first batch; print the seconds as JSON."""
     from evav.data import DataConfig, Loader
+    from evav.data.catalog import read_catalog
 
     cfg = DataConfig(train=[data], num_workers=workers)
     t0 = time.perf_counter()
+    catalog = read_catalog(cfg.train, ["train"])  # once, as rank 0 reads it for every rank
     loaders = [
-        Loader(cfg, rank=r, world_size=ranks, batch_size=batch_size, seed=0) for r in range(ranks)
+        Loader(cfg, rank=r, world_size=ranks, batch_size=batch_size, seed=0, catalog=catalog)
+        for r in range(ranks)
     ]
     t_init = time.perf_counter() - t0
     try:
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, per_shard = [], []
         for w, r in configs:
             ops = traced(data, w, r, a.batch_size)
-            per_shard.append(ops.get("init_stats", 0) / r / n_shards)
+            per_shard.append(ops.get("init_stats", 0) / n_shards)
             first = statistics.median(t["first_s"] for t in times[(w, r)])
             init = statistics.median(t["init_s"] for t in times[(w, r)])
             rows.append(
@@ -258,20 +262,24 @@ def main(argv: list[str] | None = None) -> int:
 
 Dataset: `evav preprocess synthetic --shard-samples 2`, {n_shards} train shards ({n_all} with
 val) of 2 clips (6 frames, 64x64, FFV1) each; batch {a.batch_size}, window 4, PyAV. Each cell is
-a fresh process: build the Loader(s) (ranks > 1: that many Loaders, rank r of that world size,
-in one process, all their workers started before any batch is taken), take one batch from each.
-"seconds to first batch" runs from just before `Loader(...)` (imports excluded) to every rank's
+a fresh process: read the catalog once (manifest and every shard index, as rank 0 does for all
+ranks in training), build the Loader(s) on it (ranks > 1: that many Loaders, rank r of that
+world size, in one process, all their workers started before any batch is taken), take one
+batch from each.
+"seconds to first batch" runs from just before the catalog is read (imports excluded) to every rank's
 first batch in hand, median of {a.repeats} processes (cells taken in turn; warm page cache:
-the shards were just written); "Loader()" is the part spent constructing the Loader(s). The
+the shards were just written); "Loader()" is the part spent reading the catalog and
+constructing the Loader(s). The
 operation counts come from one more process under `strace -f -ff -ttt -y`: system calls on
 paths inside the dataset folder by the consumer and all its DataLoader workers, before the
 consumer had its first batch (stats: stat/lstat/newfstatat/statx/fstat; reads:
 read/pread64/readv; bytes: what those reads returned; shards opened: distinct .tar files;
-"in Loader()": the opens / stats made while constructing the Loader(s), before any worker).
+"in Loader()": the opens / stats made while reading the catalog and constructing the
+Loader(s), before any worker).
 With workers, the counts include what the other workers read while the first batch was on its
 way (each prepares up to 2 batches ahead), so they vary from run to run, and strace slows the
-processes it traces: read them as sizes, not exact figures. Constructing a Loader made
-{_span(per_shard)} stats per train shard per rank.
+processes it traces: read them as sizes, not exact figures. Reading the catalog made
+{_span(per_shard)} stats per train shard, once for every rank.
 
 | workers per rank | ranks | seconds to first batch | Loader() s | opens | shards opened | stats | in Loader(): opens / stats | seeks | reads | MiB read |
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|

@@ -2,12 +2,13 @@
 
 Stages (each a function or small class you can test alone):
 
-    list shards      manifests of every dataset dir -> per-split shard lists and sizes  (manifest)
+    catalog          manifests, shard lists and shard indexes, read once for every rank
+                     and worker                                                         (catalog.py)
     order            (seed, dataset, epoch) -> shard order and window shuffle           (order.py)
     mix              (seed, slot) -> which dataset fills each global slot               (order.py)
     split            global batch of world*B slots -> this rank's B slots;
                      rank batches -> DataLoader workers round-robin                     (here)
-    read             (shard, member) -> bytes, by seeking via the shard's index file    (shards.py)
+    read             (shard, member) -> bytes, by seeking via the shard's index         (shards.py)
     decode + check   PyAV or decord, frame count vs metadata, crop, loss mask            (clips.py)
     batch            pad (to the longest clip, or clip_frames), or pack several clips per
                      row: frames (B,T,H,W,3) uint8, loss_mask, pad_mask, task_id
@@ -54,12 +55,12 @@ import numpy as np
 import torch
 
 from evav.config import ConfigError
+from evav.data.catalog import Catalog, read_catalog
 from evav.data.clips import REASONS, BadSample, Sample, check_decoder, make_sample
 from evav.data.handoff import FrameSlots
 from evav.data.order import DatasetOrder, mix_choices
-from evav.data.remote import check_remote, is_url, join
-from evav.data.shards import ShardReader, shard_paths
-from evav.manifest import Manifest, load_manifest
+from evav.data.shards import ShardReader
+from evav.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Loader:
         batch_size: int = 8,
         seed: int = 0,
         infinite: bool = True,
+        catalog: Catalog | None = None,
     ):
         if not cfg.train:
             raise ValueError("data.train is empty: give one or more shard directories")
@@ -128,19 +130,15 @@ class Loader:
         bad = cfg.max_bad_in_a_row
         if not isinstance(bad, int) or isinstance(bad, bool) or bad < 0:
             raise ValueError(f"data.max_bad_in_a_row must be an int >= 0, got {bad!r}")
-        for d in cfg.train:  # shell-command URLs: the reader seeks into files, it never runs pipes
-            if str(d).startswith("pipe:"):
-                raise ValueError(
-                    f"data.train entry {d!r} is a shell command (pipe:); give a directory"
-                )
-            if is_url(str(d)):  # s3:// and https:// need the remote extra: refused here, once
-                why = check_remote(str(d))
-                if why:
-                    raise ConfigError(f"data.train entry {why}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.batch_size, self.seed, self.infinite = batch_size, seed, infinite
         self.split = cfg.val_split if split == "val" else split
-        self.manifests = [load_manifest(d) for d in cfg.train]
+        if catalog is None:  # read here; training reads it once, on rank 0 (catalog.py)
+            catalog = read_catalog(cfg.train, [self.split])
+        elif catalog.dirs != [str(d) for d in cfg.train]:
+            raise ValueError(f"catalog of {catalog.dirs} given for data.train {cfg.train}")
+        self.catalog = catalog
+        self.manifests = catalog.manifests
         self.names = _dataset_names(cfg.train)
         _check_compatible(self.manifests, cfg.train)
         self.render_hash = self.manifests[0].render_hash
@@ -163,20 +161,11 @@ class Loader:
 
     def _setup(self) -> None:
         self._datasets = []
-        # what the manifest lists for each shard (its index file and the sha256s to check), for
-        # the readers: each reads a shard's index file when it first reads from that shard (an
-        # eager read of every index, in every rank, was 4 more stats and an open per shard
-        # before the first batch: docs/benchmarks.md, loader start-up)
-        self._listed: dict[str, tuple[str | None, str | None, str | None]] = {}
-        for name, m, d in zip(self.names, self.manifests, self.cfg.train):
+        for n, (name, m) in enumerate(zip(self.names, self.manifests)):
             s = m.splits[self.split]
-            paths = shard_paths(d, s)
-            for p, sh in zip(paths, s.shards):
-                self._listed[p] = (
-                    join(str(d), sh.index) if sh.index else None,
-                    sh.index_sha256,
-                    sh.sha256,
-                )
+            paths = self.catalog.paths.get((n, self.split))
+            if paths is None:
+                raise ValueError(f"the catalog given has no {self.split!r} split of {name}")
             order = DatasetOrder(
                 name,
                 [sh.samples for sh in s.shards],
@@ -197,8 +186,10 @@ class Loader:
         self.probs = w / w.sum()
 
     def shard_reader(self) -> ShardReader:
-        """A reader of this loader's shards (one per worker: its own files and indexes)."""
-        return ShardReader(listed=self._listed)
+        """A reader of this loader's shards (one per worker: its own files; the catalog's
+        indexes, read once for every rank and worker)."""
+        c = self.catalog
+        return ShardReader(indexes=c.indexes, no_index=c.no_index, listed=c.listed)
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
