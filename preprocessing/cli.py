@@ -4,6 +4,7 @@ evav preprocess BUILDER --src RAW --out DIR [--workers N] [--num-parts N --part 
                 [--shard-mb MB | --shard-samples N] [--codec C] [--limit N] [--seed S]
                 [option=value ...] [render.FIELD=value ...]
 evav preprocess --merge --out DIR          # after every --part build finished
+evav preprocess BUILDER ... --out s3://bucket/prefix/ds [--stage DIR]   # build in DIR, upload
 evav preprocess --list                     # builders and their options
 evav inspect DIR_OR_TAR [--out sheet.png|clip.gif] [--num 8]
 """
@@ -26,7 +27,17 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("builder", nargs="?", help="which corpus (see --list)")
     p.add_argument("--src", help="the raw dataset folder (its official layout)")
-    p.add_argument("--out", help="output folder: DIR/{split}/shard-NNNNNN.tar + manifest.json")
+    p.add_argument(
+        "--out",
+        help="output folder: DIR/{split}/shard-NNNNNN.tar + manifest.json; or an s3:// URL "
+        "(built in --stage, then uploaded, manifest last)",
+    )
+    p.add_argument(
+        "--stage",
+        help="with a URL --out: the local folder to build in before the upload (default: "
+        "$EVAV_CACHE/stage/<hash of the URL>, EVAV_CACHE defaulting to ~/.cache/evav; the same "
+        "on every run, so a killed build or upload resumes)",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes on this machine")
     p.add_argument(
         "--num-parts", type=int, help="machines sharing the build (default: Slurm array size)"
@@ -68,8 +79,9 @@ def preprocess_main(args: argparse.Namespace) -> int:
     try:
         if not args.out:
             raise ValueError("--out DIR is required")
+        out, url = _out_and_url(args)
         if args.merge:
-            manifest = merge(args.out)
+            manifest = merge(out)
         else:
             if not args.builder:
                 raise ValueError("name a BUILDER (see `evav preprocess --list`), or use --merge")
@@ -77,7 +89,7 @@ def preprocess_main(args: argparse.Namespace) -> int:
             options, render = parse_overrides(args.overrides)
             cfg = BuildConfig(
                 builder=args.builder,
-                out=args.out,
+                out=out,
                 src=args.src,
                 options=options,
                 render=render,
@@ -94,11 +106,39 @@ def preprocess_main(args: argparse.Namespace) -> int:
             manifest = build(cfg)
             if manifest is None:
                 return 0
+        if url is not None:
+            from evav.data.publish import publish
+
+            print(publish(out, url).line())
     except (ValueError, ConfigError, OSError, WorkerDied) as e:  # OSError: writing --out
         print(f"evav preprocess: error: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {describe(manifest)}")
     return 0
+
+
+def _out_and_url(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the local folder to build in, the URL to publish to or None). A URL is checked here,
+    before any build work: a missing bucket or a store that is down is one line, exit 2."""
+    from evav.data.remote import is_url
+
+    if args.out.lower().startswith("pipe:"):
+        raise ValueError(
+            f"--out {args.out}: a shell command is not an output; give a folder or URL"
+        )
+    if not is_url(args.out):
+        if args.stage:
+            raise ValueError(
+                "--stage is for a URL --out (s3://...); a local --out is built in place"
+            )
+        return args.out, None
+    from evav.data.publish import check_writable, stage_dir
+
+    url = args.out.rstrip("/")
+    check_writable(url)
+    stage = args.stage or str(stage_dir(url))
+    print(f"{url}: building in {stage}, then uploading")
+    return stage, url
 
 
 def _default(f: dataclasses.Field) -> object:
@@ -135,7 +175,11 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
         "Exit status: 0, 1 when --verify found a problem (each is listed as `SHARD KEY: reason`, "
         "then counted per reason), 2 when PATH cannot be inspected."
     )
-    p.add_argument("path", help="a dataset folder (with manifest.json), a split folder or a .tar")
+    p.add_argument(
+        "path",
+        help="a dataset folder (with manifest.json), a split folder or a .tar; or a dataset's "
+        "URL (s3://..., https://...: its manifest lists the shards) or one .tar's",
+    )
     p.add_argument("--out", help="write N random samples: a contact sheet .png, or a .gif")
     p.add_argument("--num", type=int, default=8, help="samples in --out (default 8)")
     p.add_argument("--seed", type=int, default=0, help="which random samples")
@@ -169,7 +213,7 @@ def inspect_main(args: argparse.Namespace) -> int:
         if args.out:
             out = write_examples(report or inspect(args.path), args.out, args.num, args.seed)
             print(f"wrote {out}")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a URL the store cannot serve
         print(f"evav inspect: error: {e}", file=sys.stderr)
         return 2
     return rc

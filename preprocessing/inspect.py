@@ -17,6 +17,13 @@ clip's sha256 and render hash, a clean decode to ``num_frames`` frames of the da
 the key and split in ``KEY.json`` matching the sample's place, keys unique per split. A lone tar
 (no manifest) gets every check that needs no manifest. Each problem is counted under its reason
 (``REASONS``); the first ones are listed as ``SHARD KEY: reason: detail``.
+
+A dataset URL (``s3://bucket/prefix/ds``, ``https://...``, evav.data.remote) is inspected the
+same way: its manifest names the shards (a URL is never listed, so it needs its manifest, or
+names one ``.tar``); the summary reads each shard's tar headers and its ``KEY.json`` members
+(ranged reads; no clip is fetched but the one ``--out`` shows, or the first when the codec must
+be probed), and ``--verify`` downloads each shard in turn to a temporary file and checks it as a
+local one, under the manifest's name for it.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import random
 import sys
 import tarfile
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +41,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from evav.codec import probe
+from evav.data import remote
 from evav.data.clips import BadSample, checked_meta, decode
-from evav.data.shards import Member, ShardIndex, index_shard
+from evav.data.remote import is_url
+from evav.data.shards import Member, ShardIndex, index_shard, open_shard
 from evav.frames import contact_sheet, save_clip
 from evav.manifest import (
     MANIFEST_NAME,
@@ -70,13 +80,17 @@ REASONS = (
 )
 
 
+Shard = Path | str  # a local file, or a URL (str)
+DOWNLOAD_CHUNK = 8 * 2**20  # --verify of a URL: bytes per ranged GET of the download
+
+
 @dataclass
 class Report:
-    shards: list[Path]
+    shards: list[Shard]
     manifest: Manifest | None = None
     samples: dict[tuple[str, str], int] = field(default_factory=Counter)  # (split, task) -> n
     frames_hist: Counter = field(default_factory=Counter)  # frames per clip -> n
-    keys: list[tuple[Path, str]] = field(default_factory=list)
+    keys: list[tuple[Shard, str]] = field(default_factory=list)
     bytes: int = 0
     codec: str = ""
     bad_meta: int = 0  # samples whose KEY.json is missing or fails parse_sample_meta
@@ -99,12 +113,80 @@ class Report:
         return "\n".join(lines)
 
 
-def find_shards(path: str | Path) -> tuple[list[Path], Manifest | None]:
+# -- local files and URLs alike -----------------------------------------------------------------
+def _as_path(path: str | Path) -> Shard:
+    return str(path).rstrip("/") if is_url(str(path)) else Path(path)
+
+
+def _is_file(shard: Shard) -> bool:
+    if isinstance(shard, str):
+        try:
+            remote.size(shard)
+        except FileNotFoundError:
+            return False
+        return True
+    return shard.is_file()
+
+
+def _size(shard: Shard) -> int:
+    return remote.size(shard) if isinstance(shard, str) else shard.stat().st_size
+
+
+def _ident(shard: Shard) -> Shard:
+    """What names the same file however it was reached (a resolved path; a URL as it is)."""
+    return shard if isinstance(shard, str) else shard.resolve()
+
+
+def _root(path: Shard, is_tar: bool) -> Shard:
+    """The dataset folder of ``path``: itself, or for a tar, the folder above its split's."""
+    if not is_tar:
+        return path
+    return path.rsplit("/", 2)[0] if isinstance(path, str) else path.parent.parent
+
+
+def _join(root: Shard, rel: str) -> Shard:
+    return remote.join(root, rel) if isinstance(root, str) else root / rel
+
+
+def _url_target(url: str) -> tuple[bool, Manifest | None]:
+    """A URL to inspect: (whether it names one tar, the manifest of its dataset or None)."""
+    if url.endswith(".tar"):
+        if not _is_file(url):
+            raise ValueError(f"{url}: no such object")
+        root = _root(url, True)
+        has = _is_file(remote.join(root, MANIFEST_NAME))
+        return True, load_manifest(root, False) if has else None
+    if url.rsplit("/", 1)[-1].startswith("shard-"):
+        raise ValueError(f"{url}: expected a .tar shard or a dataset folder with {MANIFEST_NAME}")
+    return False, load_manifest(url, False)  # a URL is not listed: it needs its manifest
+
+
+def _download(url: str, size: int, dest: Path) -> Path:
+    """``url``'s ``size`` bytes to ``dest``, in ranged GETs of ``DOWNLOAD_CHUNK``."""
+    with open(dest, "wb") as f:
+        at = 0
+        while at < size:
+            data = remote.read_range(url, at, min(DOWNLOAD_CHUNK, size - at))
+            if not data:
+                break  # shorter than its HEAD said: the size check reports it
+            f.write(data)
+            at += len(data)
+    return dest
+
+
+def find_shards(path: str | Path) -> tuple[list[Shard], Manifest | None]:
     """Shards under ``path`` (a dataset dir, a split dir or one tar) and the manifest if any.
 
     The manifest is checked as data only (``check_files=False``): a shard that does not match
     it is what inspect reports, not a reason to stop."""
-    path = Path(path)
+    path = _as_path(path)
+    if isinstance(path, str):
+        is_tar, manifest = _url_target(path)
+        if is_tar:
+            return [path], manifest
+        return [remote.join(path, sh.path) for s in manifest.splits.values() for sh in s.shards], (
+            manifest
+        )
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
     if path.is_file():
@@ -131,16 +213,19 @@ def inspect(path: str | Path) -> Report:
     missing, short, corrupt, bad_example = [], [], [], ""
     counted = expected = 0
     for shard in shards:
-        info = listed.get(shard.resolve())
+        info = listed.get(_ident(shard))
         label = info[1].path if info is not None else str(shard)
-        if not shard.is_file():
+        if not _is_file(shard):
             missing.append(label)
             expected += info[1].samples if info else 0
             continue
-        report.bytes += shard.stat().st_size
+        size = _size(shard)
+        report.bytes += size
         idx = index_shard(shard)
         n = 0
-        for key, members, problem in _read_samples(shard, idx):
+        # a URL: only the metadata is fetched (and one clip, when the codec must be probed)
+        want = {"json"} if isinstance(shard, str) and (manifest or first_mp4) else None
+        for key, members, problem in _read_samples(shard, idx, size, want):
             if problem is not None:  # cut short by the end of the file: in the count warning
                 continue
             n += 1
@@ -195,12 +280,12 @@ def write_examples(report: Report, out: str | Path, num: int = 8, seed: int = 0)
     if not report.keys:
         raise ValueError("no samples to show")
     picks = sorted(random.Random(seed).sample(report.keys, min(num, len(report.keys))))
-    wanted: dict[Path, set[str]] = {}
+    wanted: dict[Shard, set[str]] = {}
     for shard, key in picks:
         wanted.setdefault(shard, set()).add(key)
     clips = []
     for shard, keys in wanted.items():
-        for key, members, _ in _read_samples(shard, index_shard(shard)):
+        for key, members, _ in _read_samples(shard, index_shard(shard), keys=keys):
             if key in keys:
                 try:  # the loader's checks: a corrupt clip is an error here, never a crash
                     checked_meta(members)
@@ -221,28 +306,47 @@ def write_examples(report: Report, out: str | Path, num: int = 8, seed: int = 0)
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _listed(manifest: Manifest | None, path: str | Path) -> dict[Path, tuple[str, ShardInfo]]:
+def _listed(manifest: Manifest | None, path: str | Path) -> dict[Shard, tuple[str, ShardInfo]]:
     """Resolved shard file -> (split, its manifest entry), for the manifest found at ``path``."""
     if manifest is None:
         return {}
-    path = Path(path)
-    root = path.parent.parent if path.is_file() else path
+    path = _as_path(path)
+    if isinstance(path, str):
+        root = _root(path, path.endswith(".tar"))
+    else:
+        root = path.parent.parent if path.is_file() else path
     return {
-        (root / sh.path).resolve(): (split, sh)
+        _ident(_join(root, sh.path)): (split, sh)
         for split, s in manifest.splits.items()
         for sh in s.shards
     }
 
 
-def _read_samples(shard: Path, idx: ShardIndex):
+def _read_samples(
+    shard: Shard,
+    idx: ShardIndex,
+    size: int | None = None,
+    want: set[str] | None = None,
+    keys: set[str] | None = None,
+):
     """``(key, {ext: bytes}, problem)`` per indexed sample; ``problem`` is (reason, detail) when a
-    member's data runs past the end of the file (its bytes are then left out, never read)."""
-    size = shard.stat().st_size
-    with open(shard, "rb") as f:
+    member's data runs past the end of the file (its bytes are then left out, never read).
+    ``want``: read only members of these extensions (the others are checked against the size,
+    never read); ``keys``: only these samples."""
+    size = _size(shard) if size is None else size
+    with open_shard(shard, size) as f:
         for key, members in zip(idx.keys, idx.members):
+            if keys is not None and key not in keys:
+                continue
             out, problem = {}, None
             for ext, m in members.items():
-                data = _read_member(f, m, size)
+                if want is not None and ext not in want:
+                    if m.offset + m.size > size:
+                        data = None
+                    else:
+                        continue
+                else:
+                    data = _read_member(f, m, size)
                 if data is None:
                     problem = (
                         "truncated member",
@@ -341,23 +445,29 @@ def verify(path: str | Path, progress: bool | None = None, keep: int = 50) -> Ve
     """Check every shard and sample at ``path`` (see the module docstring); never raises on bad
     data, only on a path that holds no shards. ``progress``: tqdm bar on stderr (None: if a
     TTY)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path}: no such file or folder")
-    if path.is_file() and path.suffix != ".tar":
-        raise ValueError(f"{path}: expected a .tar shard or a folder of shards")
+    path = _as_path(path)
     v = Verification(keep=keep)
-    root = path.parent.parent if path.is_file() else path
+    if isinstance(path, str):
+        is_tar, _ = _url_target(path)  # (the manifest is loaded again below, checked)
+        root = _root(path, is_tar)
+    else:
+        if not path.exists():
+            raise ValueError(f"{path}: no such file or folder")
+        if path.is_file() and path.suffix != ".tar":
+            raise ValueError(f"{path}: expected a .tar shard or a folder of shards")
+        is_tar, root = path.is_file(), path.parent.parent if path.is_file() else path
     manifest = None
-    if (root / MANIFEST_NAME).is_file():
+    if _is_file(_join(root, MANIFEST_NAME)):
         try:  # shard files are this function's to judge, one by one: check_files=False
             manifest = load_manifest(root, check_files=False)
         except ValueError as e:  # say so, then check the shards as lone tars
             v.add(MANIFEST_NAME, "", "bad manifest", str(e))
-    if path.is_file():
+    if is_tar:
         shards = [path]
     elif manifest is not None:
-        shards = [root / sh.path for s in manifest.splits.values() for sh in s.shards]
+        shards = [_join(root, sh.path) for s in manifest.splits.values() for sh in s.shards]
+    elif isinstance(path, str):
+        raise ValueError(f"{path}: its manifest is unreadable, and a URL cannot be listed")
     else:
         shards = sorted(path.rglob("shard-*.tar"))
         if not shards:
@@ -365,9 +475,9 @@ def verify(path: str | Path, progress: bool | None = None, keep: int = 50) -> Ve
     listed = _listed(manifest, path)
     targets = []
     for shard in shards:
-        split, info = listed.get(shard.resolve(), (None, None))
+        split, info = listed.get(_ident(shard), (None, None))
         label = info.path if info is not None else str(shard)
-        idx = index_shard(shard) if info is None and shard.is_file() else None
+        idx = index_shard(shard) if info is None and _is_file(shard) else None
         targets.append((shard, label, split, info, idx))
     # the bar's total: the manifest's counts, else the headers' (indexing reads no data)
     total = sum(info.samples if info else len(idx.keys) if idx else 0 for *_, info, idx in targets)
@@ -387,6 +497,16 @@ def _disabled(progress: bool | None) -> bool | None:
 
 
 def _verify_shard(v, shard, label, split, info, idx, manifest, seen, bar) -> None:
+    if isinstance(shard, str):  # a URL: downloaded, then checked as a local file
+        try:
+            size = remote.size(shard)
+        except FileNotFoundError:
+            v.add(label, "", "missing shard", f"{shard} is not in the store")
+            return
+        with tempfile.TemporaryDirectory(prefix="evav-verify-") as tmp:
+            local = _download(shard, size, Path(tmp) / remote.basename(shard))
+            _verify_shard(v, local, label, split, info, idx, manifest, seen, bar)
+        return
     if not shard.is_file():
         v.add(label, "", "missing shard", f"{shard} is not a file")
         return

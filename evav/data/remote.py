@@ -1,7 +1,7 @@
 """Dataset directories given as URLs (``s3://bucket/prefix/dataset``, ``https://host/dataset``):
 a small wrapper over fsspec (s3fs for S3) with ranged reads, retries and clear errors.
 
-Only reading lives here: ``read_bytes`` (a whole small object: a manifest, an index, bounded),
+Reading lives here (writing a finished dataset to a URL: evav.data.publish): ``read_bytes`` (a whole small object: a manifest, an index, bounded),
 ``read_range`` (a byte range: one tar header and member, ``ShardReader``), ``size`` (HEAD) and
 ``RemoteFile``, a seekable read-only file over ``read_range`` for the header walk (``tarfile``).
 
@@ -150,7 +150,7 @@ def transient(e: BaseException) -> bool:
     return True  # connection refused/reset, timeouts, throttling (SlowDown), anything else
 
 
-def _error(url: str, e: BaseException, tries: int) -> OSError:
+def _error(url: str, e: BaseException, tries: int, verb: str = "read") -> OSError:
     reason = f"{type(e).__name__}: {str(e)[:300]}" if str(e) else type(e).__name__
     status = _status(e)
     if status is not None and f"{status}" not in reason:
@@ -161,13 +161,14 @@ def _error(url: str, e: BaseException, tries: int) -> OSError:
         out = FileNotFoundError(errno.ENOENT, f"{url}: not found ({reason})")
     else:
         again = f" after {tries} tries" if tries > 1 else ""
-        out = OSError(f"{url}: cannot read{again} ({reason})")
+        out = OSError(f"{url}: cannot {verb}{again} ({reason})")
     out.reason = reason  # the store's words, without the URL
     return out
 
 
-def _call(url: str, fn):
-    """``fn(filesystem)``, tried again on transient errors; OSError naming ``url`` otherwise."""
+def _call(url: str, fn, verb: str = "read"):
+    """``fn(filesystem)``, tried again on transient errors; OSError naming ``url`` otherwise
+    (``verb``: what could not be done, in its message; evav.data.publish writes)."""
     for attempt in range(TRIES):
         fs = _filesystem(url)  # ImportError (no extra) propagates: the install's, no data's
         try:
@@ -176,7 +177,7 @@ def _call(url: str, fn):
             raise
         except Exception as e:  # noqa: BLE001 - classified, then raised naming the URL
             if not transient(e) or attempt == TRIES - 1:
-                raise _error(url, e, attempt + 1) from e
+                raise _error(url, e, attempt + 1, verb) from e
         time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
