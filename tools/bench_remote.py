@@ -95,12 +95,12 @@ class Counting:
 
 def serve(port: int) -> None:
     """moto's S3 server (as ThreadedMotoServer runs it), behind Counting, until killed."""
-    from moto.server import (
+    from moto.moto_server.werkzeug_app import (
         DomainDispatcherApplication,
         MotoRequestHandler,
         create_backend_app,
-        make_server,
     )
+    from werkzeug.serving import make_server
 
     app = Counting(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", port, app, True, request_handler=MotoRequestHandler)

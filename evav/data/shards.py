@@ -307,6 +307,11 @@ def index_shard(path: str | Path) -> ShardIndex:
     return ShardIndex(str(path), keys, members, error)
 
 
+def _padded(n: int) -> int:
+    """``n`` rounded up to whole tar blocks."""
+    return -(-n // BLOCK) * BLOCK
+
+
 def _header_matches(buf: bytes, name: str, size: int) -> bool:
     """Whether ``buf`` (512 bytes) is a valid tar header of a regular file ``name`` of ``size``."""
     try:
@@ -398,30 +403,38 @@ class ShardReader:
         if member >= len(idx.keys):
             return None
         key = idx.keys[member]
-        out = {}
-        for ext, m in idx.members[member].items():
+        members = idx.members[member]
+        for ext, m in members.items():
             limit = MAX_MEMBER_BYTES.get(ext, MAX_MEMBER_BYTES["json"])
             if m.size > limit:
                 raise OSError(f"{key}.{ext} has {m.size} bytes, over the {limit}-byte limit")
             if m.offset + m.size > file_size:  # a header claiming more than the file holds
                 return key, {}
-            if idx.from_file:  # the member's header too, in the same read: is it still there?
-                f.seek(m.offset - BLOCK)
-                data = f.read(BLOCK + m.size)
-                if len(data) != BLOCK + m.size or not _header_matches(
-                    data[:BLOCK], f"{key}.{ext}", m.size
-                ):
-                    raise _Stale(
-                        remote.basename(index_path(path)), f"no header of {key}.{ext} at its offset"
-                    )
-                data = data[BLOCK:]
-            else:
-                f.seek(m.offset)
-                data = f.read(m.size)
-                if len(data) != m.size:
+        # one read for the whole sample (a ranged GET on a URL): its members are adjacent in the
+        # tar, each after its header (checked too when the index came from a file: is it still
+        # there?); members that are not adjacent (an index not written by evav) are read apart
+        head = BLOCK if idx.from_file else 0
+        spans = {ext: (m.offset - head, m.offset + m.size) for ext, m in members.items()}
+        start, end = min(a for a, _ in spans.values()), max(b for _, b in spans.values())
+        if end - start <= sum(_padded(m.size) + BLOCK for m in members.values()):
+            f.seek(start)
+            whole = f.read(end - start)
+            if len(whole) != end - start:
+                return key, {}
+            chunks = {ext: whole[a - start : b - start] for ext, (a, b) in spans.items()}
+        else:
+            chunks = {}
+            for ext, (a, b) in spans.items():
+                f.seek(a)
+                chunks[ext] = f.read(b - a)
+                if len(chunks[ext]) != b - a:
                     return key, {}
-            out[ext] = data
-        return key, out
+        for ext, m in members.items():
+            if idx.from_file and not _header_matches(chunks[ext][:BLOCK], f"{key}.{ext}", m.size):
+                raise _Stale(
+                    remote.basename(index_path(path)), f"no header of {key}.{ext} at its offset"
+                )
+        return key, {ext: chunk[head:] for ext, chunk in chunks.items()}
 
     def close(self) -> None:
         for f in self._files.values():
