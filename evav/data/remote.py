@@ -43,7 +43,10 @@ READ_AHEAD = 64 * 2**10  # header walk (RemoteFile): smallest range fetched
 
 # what each protocol needs installed (module names)
 _NEEDS = {"s3": ("fsspec", "s3fs"), "http": ("fsspec", "aiohttp"), "https": ("fsspec", "aiohttp")}
-_fs: dict[str, tuple[int, object]] = {}  # protocol -> (pid, filesystem)
+# (pid, protocol, the environment a filesystem was made from) -> filesystem: a forked worker
+# or a changed endpoint/credential environment gets a fresh one, never a stale connection pool
+_fs: dict[tuple, object] = {}
+_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
 
 
 def is_url(s) -> bool:
@@ -77,10 +80,10 @@ def check_remote(url: str) -> str | None:
 
 def _filesystem(url: str):
     proto = protocol(url)
-    pid = os.getpid()
-    got = _fs.get(proto)
-    if got is not None and got[0] == pid:
-        return got[1]
+    key = (os.getpid(), proto, *(os.environ.get(k) for k in _ENV))
+    got = _fs.get(key)
+    if got is not None:
+        return got
     why = check_remote(url)
     if why:
         raise ImportError(why)
@@ -105,7 +108,9 @@ def _filesystem(url: str):
 
         timeout = aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
         fs = fsspec.filesystem(proto, skip_instance_cache=True, client_kwargs={"timeout": timeout})
-    _fs[proto] = (pid, fs)
+    for old in [k for k in _fs if k[0] != key[0] or k[1] == proto]:
+        del _fs[old]  # another process's, or this protocol's under an environment now gone
+    _fs[key] = fs
     return fs
 
 
