@@ -109,6 +109,8 @@ class Manifest:
     commands: list[str]  # the command line(s) that built it (one per part)
     code_version: str  # evav version and git commit
     format_version: int = FORMAT_VERSION
+    # --limit N: {"per_split": N, "stratified": true, "per_class": {split: {class: n}}}; None: all
+    limit: dict[str, Any] | None = None
 
     @property
     def frame_size(self) -> tuple[int, int]:
@@ -153,6 +155,8 @@ class Manifest:
             if not _is_int(v) or v < 1:
                 _fail(where, f"shard_samples.{name}", f"{_show(v)} is not an int >= 1")
         _check_strings(m.commands, where, "commands")
+        if m.limit is not None and not isinstance(m.limit, dict):
+            _fail(where, "limit", f"{_show(m.limit)} is not dict or null")
         m.quarantined = [
             _from_dict(Quarantined, q, f"{where}: quarantined[{i}]")
             for i, q in enumerate(m.quarantined)

@@ -25,7 +25,12 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
         "`evav preprocess synthetic --out d train_per_task=200 render.height=128`; "
         "`evav preprocess --list` shows every builder's options."
     )
-    p.add_argument("builder", nargs="?", help="which corpus (see --list)")
+    p.add_argument(
+        "builder",
+        nargs="?",
+        help="which corpus (see --list): a builder name, an installed `evav.builders` entry "
+        "point, or MODULE:CLASS for a Builder subclass of your own",
+    )
     p.add_argument("--src", help="the raw dataset folder (its official layout)")
     p.add_argument(
         "--out",
@@ -45,13 +50,24 @@ def add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--part", type=int, help="this machine's part, 0-based (default: Slurm array index)"
     )
-    p.add_argument("--seed", type=int, default=0, help="for generated data and random draws")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="for generated data and random draws, and which inputs --limit keeps",
+    )
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size (default 64)")
     p.add_argument("--shard-samples", type=int, help="inputs per shard (overrides --shard-mb)")
     p.add_argument(
         "--codec", help="evav.codec preset or CODEC:PIX_FMT[:crf=N] (default: per builder)"
     )
-    p.add_argument("--limit", type=int, help="keep only the first N inputs of each split")
+    p.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="keep N inputs of each split, stratified by class (every class in proportion, at "
+        "least one each when N allows), drawn with --seed, in the builder's order",
+    )
     p.add_argument(
         "--merge", action="store_true", help="write DIR/manifest.json from finished parts"
     )
@@ -72,7 +88,11 @@ def preprocess_main(args: argparse.Namespace) -> int:
 
     if args.list:
         for name in builder_names():
-            cls = get_builder(name)
+            try:
+                cls = get_builder(name)
+            except ValueError as e:  # an installed entry point that does not load
+                print(f"{name:13s} cannot be loaded: {e}")
+                continue
             opts = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Options))
             print(f"{name:13s} codec {cls.codec:13s} {opts}")
         return 0

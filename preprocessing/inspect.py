@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from evav.codec import probe
 from evav.data import remote
-from evav.data.clips import BadSample, checked_meta, decode
+from evav.data.clips import BadSample, checked_meta, crop_window, decode
 from evav.data.remote import is_url
 from evav.data.shards import Member, ShardIndex, index_shard, open_shard
 from evav.frames import contact_sheet, save_clip
@@ -81,6 +81,7 @@ REASONS = (
 
 
 Shard = Path | str  # a local file, or a URL (str)
+CLIP_FRAMES = (8, 16, 32)  # data.clip_frames values the summary shows the crop shares for
 DOWNLOAD_CHUNK = 8 * 2**20  # --verify of a URL: bytes per ranged GET of the download
 
 
@@ -95,6 +96,8 @@ class Report:
     codec: str = ""
     bad_meta: int = 0  # samples whose KEY.json is missing or fails parse_sample_meta
     warnings: list[str] = field(default_factory=list)
+    # (data.clip_frames, "cropped" | "too_long") -> samples, for CLIP_FRAMES (crop_window)
+    crops: Counter = field(default_factory=Counter)
 
     def text(self) -> str:
         lines = [f"{len(self.shards)} shard(s), {self.bytes / 2**20:.1f} MiB, codec {self.codec}"]
@@ -109,6 +112,17 @@ class Report:
         width = max(self.frames_hist.values(), default=1)
         for t, n in sorted(self.frames_hist.items()):
             lines.append(f"  {t:4d}: {n:7d} {'#' * max(1, round(40 * n / width))}")
+        total = sum(self.frames_hist.values())
+        if total:
+            lines.append(
+                "longer than data.clip_frames (kept: task frame(s), answer, middle of input):"
+            )
+            for c in CLIP_FRAMES:
+                cut, refused = self.crops[(c, "cropped")], self.crops[(c, "too_long")]
+                more = (
+                    f", {refused / total:.1%} too long to keep task and answer" if refused else ""
+                )
+                lines.append(f"  clip_frames={c:<3d} {cut / total:6.1%} cropped{more}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -240,6 +254,12 @@ def inspect(path: str | Path) -> Report:
                 continue
             report.samples[(meta.split, meta.task)] += 1
             report.frames_hist[meta.num_frames] += 1
+            for c in CLIP_FRAMES:
+                try:
+                    if crop_window(meta, meta.num_frames, c, 0, key) != [(0, meta.num_frames)]:
+                        report.crops[(c, "cropped")] += 1
+                except BadSample:
+                    report.crops[(c, "too_long")] += 1
             report.keys.append((shard, key))
         counted += n
         if idx.error:

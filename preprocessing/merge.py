@@ -91,6 +91,7 @@ def merge(out: str | Path) -> Manifest:
         quarantined=quarantined,
         commands=commands,
         code_version=plan["code_version"],
+        limit=_limit(plan),
     )
     for split, info in splits.items():
         write_json_atomic(out / wids_name(split), wids_descriptor(manifest.builder, split, info))
@@ -99,6 +100,14 @@ def merge(out: str | Path) -> Manifest:
 
 
 WIDS_KIND = "wids-shard-index-v1"
+
+
+def _limit(plan: dict) -> dict | None:
+    """What ``--limit`` kept, for the manifest: N per split, stratified, and per class."""
+    if plan.get("limit") is None:
+        return None
+    per_class = {k: v["strata"] for k, v in plan["splits"].items() if "strata" in v}
+    return {**plan["limit"], "per_class": per_class}
 
 
 def wids_name(split: str) -> str:

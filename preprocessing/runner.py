@@ -5,7 +5,9 @@
 
 How work is cut (so that any number of workers or parts gives the same bytes):
 
-1. The builder lists each split's inputs in a fixed order (``--limit`` keeps the first N).
+1. The builder lists each split's inputs in a fixed order. ``--limit N`` keeps N of each
+   split, stratified by the items' ``stratum`` (class or label; see ``limit_items``) and drawn
+   with ``--seed``, then in the builder's order: every part and worker draws the same ones.
 2. Each split is cut into shards of ``shard_samples`` consecutive inputs (given, or estimated
    from ``--shard-mb`` by rendering the split's first few inputs); shard ``i`` holds inputs
    ``[i*k, (i+1)*k)`` and each sample's key is its input index.
@@ -33,7 +35,6 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -44,13 +45,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evav import __version__
 from evav.codec import CodecSpec, encode_clip
 from evav.config import apply_overrides, from_dict, to_dict
 from evav.errors import BadInputError, describe_error
 from evav.frames import RenderSpec, build_clip
 from evav.frames.video import set_decode_threads
 from evav.manifest import Manifest, SampleMeta, clip_checksum, write_json_atomic
+from evav.version import code_version
 from preprocessing.builders import Builder, Item, get_builder
 from preprocessing.layout import (
     part_path,
@@ -82,7 +83,7 @@ class BuildConfig:
     shard_samples: int | None = None  # inputs per shard; None: from shard_mb
     shard_mb: float = 64.0
     codec: str | None = None  # evav.codec preset or spec; None: the builder's default
-    limit: int | None = None  # keep the first N inputs of each split
+    limit: int | None = None  # keep N inputs of each split, stratified by class, seeded
     command: str = ""  # recorded in the manifest
 
 
@@ -110,8 +111,49 @@ class Job:
         except OSError as e:  # an unreadable folder or layout file: a layout error, before work
             raise ValueError(f"{self.builder}: --src {self.src}: cannot read: {e}") from None
         return {
-            s: v[: self.limit] if self.limit is not None else v for s, v in sorted(items.items())
+            s: limit_items(builder, s, v, self.limit) if self.limit is not None else v
+            for s, v in sorted(items.items())
         }
+
+
+def limit_items(builder: Builder, split: str, items: list[Item], n: int) -> list[Item]:
+    """``n`` of a split's items, stratified: grouped by ``Item.stratum`` (items without one are
+    one more group), each group gets its share of ``n`` (``_allocate``), drawn with
+    ``builder.rng("limit", split)``; returned in the builder's order. Without strata this is a
+    seeded uniform sample."""
+    if n >= len(items):
+        return items
+    groups: dict[object, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.stratum, []).append(i)
+    keys = sorted(groups, key=lambda k: (k is None, str(k)))
+    rng = builder.rng("limit", split)
+    quotas = _allocate([len(groups[k]) for k in keys], [k is not None for k in keys], n, rng)
+    picked = [i for k, q in zip(keys, quotas) for i in rng.choice(groups[k], q, replace=False)]
+    return [items[i] for i in sorted(picked)]
+
+
+def _allocate(sizes: list[int], labelled: list[bool], n: int, rng) -> list[int]:
+    """How many of each group to keep, for ``n < sum(sizes)``: shares in proportion to the
+    sizes (largest remainders); then, when ``n`` covers every labelled group, each labelled
+    group left without one takes one from the group holding the most. Ties are broken in a
+    seeded order, so that a small ``n`` does not always favour the first labels."""
+    total = sum(sizes)
+    shares = [divmod(n * size, total) for size in sizes]
+    quotas = [q for q, _ in shares]
+    tiebreak = rng.permutation(len(sizes))
+    order = sorted(range(len(sizes)), key=lambda j: (-shares[j][1], tiebreak[j]))
+    for j in order[: n - sum(quotas)]:
+        quotas[j] += 1
+    if n >= sum(labelled):
+        for j in [j for j in order if labelled[j] and quotas[j] == 0]:
+            donor = max(
+                (d for d in order if quotas[d] > int(labelled[d])),
+                key=lambda d: (quotas[d], -tiebreak[d]),
+            )
+            quotas[donor] -= 1
+            quotas[j] = 1
+    return quotas
 
 
 def build(cfg: BuildConfig) -> Manifest | None:
@@ -207,6 +249,9 @@ def _plan(job: Job, builder: Builder, items: dict[str, list[Item]], cfg: BuildCo
     for split, its in items.items():
         k = cfg.shard_samples or _estimate_shard_samples(builder, its, split, job, cfg.shard_mb)
         splits[split] = {"inputs": len(its), "shard_samples": k}
+        if job.limit is not None:  # what the stratified --limit kept, per class
+            counts = Counter("" if it.stratum is None else str(it.stratum) for it in its)
+            splits[split]["strata"] = dict(sorted(counts.items()))
     return {
         "builder": job.builder,
         "builder_version": type(builder).version,
@@ -215,7 +260,7 @@ def _plan(job: Job, builder: Builder, items: dict[str, list[Item]], cfg: BuildCo
         "render_hash": builder.spec.hash,
         "codec": job.codec,
         "seed": job.seed,
-        "limit": job.limit,
+        "limit": None if job.limit is None else {"per_split": job.limit, "stratified": True},
         "splits": splits,
     }
 
@@ -260,22 +305,6 @@ def _shard_range(plan: dict, split: str, index: int) -> tuple[int, int]:
     s = plan["splits"][split]
     k = s["shard_samples"]
     return index * k, min(s["inputs"], (index + 1) * k)
-
-
-def code_version() -> str:
-    """``evav VERSION`` plus the git commit of the source tree, when there is one."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        return f"evav {__version__} (git {commit[:12]})"
-    except (OSError, subprocess.SubprocessError):
-        return f"evav {__version__}"
 
 
 # -- one sample, one shard -------------------------------------------------------------------

@@ -370,7 +370,13 @@ IMAGES = [Case(i, f"{i}.png", make, reason) for i, make, reason in FILE_CASES] +
         data(png(12000, 8000)),
         "image too large: 12000x8000 = 96000000 pixels",
     ),
-    Case("zero-width", "zero.png", data(png(0, 10)), "not an image Pillow can read"),
+    Case("zero-width", "zero.png", data(png(0, 10)), "not an image evav reads"),
+    Case(  # Pillow would open it as EPS and run Ghostscript on it (where installed): refused
+        "eps-named-jpg",
+        "vector.jpg",
+        data(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto showpage\n"),
+        "not an image evav reads",
+    ),
     Case(
         "float-tiff",
         "float.png",

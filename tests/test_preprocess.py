@@ -109,6 +109,9 @@ def test_every_issue_builder_is_registered():
         "text",
         "video",
         "synthetic",
+        "imagefolder",
+        "audiofolder",
+        "jsonl",
     }
 
 
@@ -143,9 +146,10 @@ def test_sst2_slice(datasets, tmp_path):
     assert [sh.samples for sh in m.splits["val"].shards] == [15, 15, 10]
     samples = check_build(tmp_path, m)
     rows = (datasets / "sst2" / "dev.tsv").read_text().splitlines()
-    meta, frames = samples["val/00000007"]
-    sentence, label = rows[8].split("\t")  # key 7 = the 8th data row, line 9
-    assert meta.source.endswith("dev.tsv:9") and meta.label == int(label)
+    meta, frames = samples["val/00000007"]  # the 8th row --limit kept (stratified, seeded)
+    line = int(meta.source.rpartition(":")[2])
+    sentence, label = rows[line - 1].split("\t")
+    assert meta.source.endswith(f"dev.tsv:{line}") and meta.label == int(label)
     direct = build_clip(TEXT, "sst2", TEXT.render_text(sentence), TEXT.render_text(meta.answer))
     assert_close(frames, direct.frames, m.codec)
     assert_text_frames_read_back(

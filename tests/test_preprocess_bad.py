@@ -115,12 +115,12 @@ def test_sst2_balance_alternates_the_labels_so_any_limit_is_half_of_each(tmp_pat
     assert texts(tmp_path / "out") == sorted(
         ["bad film", "dull film", "weak film"] + [f"good film number {i}" for i in range(3)]
     )
-    # the first 5 listed: the broken row, then dull/good 0, bad/good 1
+    # --limit 5 is stratified by label: 2 of each, and the broken row (a group of its own:
+    # 1/7 of 5 rounds up)
     m = build("sst2", tmp_path / "raw", tmp_path / "lim", "balance=true", "--limit", "5")
-    assert m.splits["train"].samples == 4
-    assert texts(tmp_path / "lim") == sorted(
-        ["bad film", "dull film", "good film number 0", "good film number 1"]
-    )
+    assert m.splits["train"].samples == 4 and len(m.quarantined) == 1
+    kept = texts(tmp_path / "lim")
+    assert sum(t.startswith("good") for t in kept) == 2
     plain = build("sst2", tmp_path / "raw", tmp_path / "plain")
     assert plain.splits["train"].samples == 10
 

@@ -11,7 +11,8 @@ Every cell is a real training run (`python -m evav.cli train configs/debug.yaml
 model.preset=P engine.zero_stage=Z ...`, through torchrun for several processes). Data: synthetic
 shards (`--mix synthetic`, the grid's default) or a mix of real ones (`--mix real`, the variants'
 default: FSDD spoken digits, SST-2 sentences and CIFAR-10 images from ../shared/datasets or
---datasets, the first --limit inputs of each training split, equal mixing weights), rendered at
+--datasets, --limit inputs of each training split (`evav preprocess --limit`: stratified by
+class, seeded), equal mixing weights), rendered at
 each --sizes frame size and built into --work (a temporary folder by default; kept and reused
 when given), or --data. The first --warmup steps are not timed; the step time is the median of
 the trainer's own ``speed/step_s`` over the remaining steps. A run is stopped (its process group

@@ -59,9 +59,10 @@ prepare() {
   local ds=../shared/datasets
   [ -d "$ds" ] || { echo "gpu_bench: $ds is absent: no real mix to carry" >&2; exit 2; }
   rm -rf "$SRC" && mkdir -p "$SRC/fsdd/recordings" "$SRC/sst2" "$SRC/cifar10/train/airplane"
-  # the inputs `evav preprocess ... --limit 300` takes from the whole datasets: the first 300
-  # of each training split in the builders' order (FSDD: takes 5-49 train; CIFAR-10 sorted by
-  # class then file, so all airplane; SST-2: the first rows of train.tsv)
+  # LIMIT inputs of each training split, the first in the builders' order (FSDD: takes 5-49
+  # train; CIFAR-10 sorted by class then file, so all airplane; SST-2: the first rows of
+  # train.tsv). Not the files the CPU runs' stratified seeded `--limit` takes from the whole
+  # datasets: the same counts, modalities and frame sizes, which is what throughput depends on.
   "${PYTHON:-.venv/bin/python}" - "$ds" "$SRC" "$LIMIT" <<'EOF'
 import re, shutil, sys
 from pathlib import Path

@@ -91,6 +91,9 @@ def check_image_size(width: int, height: int, path: str | Path) -> None:
         )
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM")
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Open and fully decode an image file to RGB, upright (EXIF orientation applied);
     BadInputError names the file and the reason."""
@@ -98,7 +101,9 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with warnings.catch_warnings():  # between 1x and 2x the limit Pillow only warns
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            # plain raster formats only: Pillow picks the decoder from the bytes, and EPS/PS
+            # would hand the file to Ghostscript (an interpreter) whatever its name says
+            img = Image.open(path, formats=IMAGE_FORMATS)
         with img:
             check_image_size(img.width, img.height, path)  # before decoding a bomb
             img.load()
@@ -106,7 +111,8 @@ def load_image(path: str | Path) -> Image.Image:
         return to_rgb(upright)
     except UnidentifiedImageError:
         raise BadInputError(
-            path, "not an image Pillow can read (unknown or corrupt format)"
+            path,
+            f"not an image evav reads (formats {', '.join(IMAGE_FORMATS)}; unknown or corrupt)",
         ) from None
     except Image.DecompressionBombError as e:
         raise BadInputError(path, f"image too large: {e}") from None

@@ -51,13 +51,13 @@ class AudioMnistBuilder(Builder):
                     listed[str(self.src / line)] = split
             for w in wavs:
                 if str(w) in listed:
-                    out[listed[str(w)]].append(Item(str(w)))
+                    out[listed[str(w)]].append(Item(str(w), stratum=_digit(w)))
             return out
         val, test = set(self.options.valid_speakers), set(self.options.test_speakers)
         for w in wavs:
             spk = int(w.parent.name) if re.fullmatch("[0-9]+", w.parent.name) else -1
             split = "val" if spk in val else "test" if spk in test else "train"
-            out[split].append(Item(str(w)))
+            out[split].append(Item(str(w), stratum=_digit(w)))
         return out
 
     def example(self, item: Item) -> Example:
@@ -71,6 +71,12 @@ class AudioMnistBuilder(Builder):
                 item.source, f"speaker {m.group(2)} in the name, folder says {folder}"
             )
         return digit_example(self, "audiomnist", item.source, int(m.group(1)), {"speaker": folder})
+
+
+def _digit(path) -> int | None:
+    """The digit in a file's name, its --limit stratum (None if the name does not parse)."""
+    m = NAME.match(path.stem)
+    return int(m.group(1)) if m and int(m.group(1)) <= 9 else None
 
 
 BUILDER = AudioMnistBuilder

@@ -14,7 +14,9 @@ everything else: splitting work over workers and machines, rendering the clip
             ...                          # BadInputError(path, reason) for a bad input
 
 ``list_items`` must be cheap (no decoding) and deterministic: the same source gives the same
-items in the same order, in every process. ``example`` must be a pure function of the item,
+items in the same order, in every process. An item's ``stratum`` (its class or label, when
+the listing knows it cheaply) lets ``--limit N`` keep every class in proportion; items without
+one are sampled uniformly. ``example`` must be a pure function of the item,
 the options, the RenderSpec and the seed (draw randomness from ``self.rng(...)``).
 
 Reading raw files is done one way in every builder (the helpers below): text is split on
@@ -48,6 +50,7 @@ class Item:
 
     source: str
     data: Any = None  # small builder-specific payload (a label, a row's text, an index)
+    stratum: str | int | None = None  # its class, for a stratified --limit; None: unlabelled
 
 
 @dataclass
@@ -193,3 +196,56 @@ def relative_path(root: Path, name: object) -> Path | None:
     if p.is_absolute() or ".." in p.parts:
         return None
     return root / p
+
+
+def escapes(root: Path, path: Path) -> str | None:
+    """Why ``path``, found under ``root``, may not be read: it is (or lies in) a symbolic link
+    that leads out of ``root``; None when its real location stays inside ``root``."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+        return None
+    return f"symbolic link out of --src (to {real})"
+
+
+def label_folders(builder: Builder, suffixes: set[str]) -> dict[str, list[Item]]:
+    """The inputs of a ``SRC/{split}/{label}/FILE`` layout: split -> items in sorted order, for
+    every FILE whose suffix (any case) is in ``suffixes``; ``data`` is ``(label, "")``, or
+    ``(label, reason)`` for a file that may not be read (a symbolic link out of SRC, a file
+    outside any label folder), and ``stratum`` is the label. Hidden names are skipped. A split
+    or label folder that leads out of SRC, or a layout without label folders, is a ValueError."""
+    src = builder.src
+    builder.expect(src.is_dir(), "expected a folder {split}/{label}/FILE")
+
+    def folders(parent: Path) -> list[Path]:
+        found = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for folder in found:  # checked before anything in it is listed
+            why = escapes(src, folder)
+            builder.expect(why is None, f"{folder.relative_to(src)}/: {why}")
+        return found
+
+    out: dict[str, list[Item]] = {}
+    for split in folders(src):
+        labels = folders(split)
+        items = [
+            Item(str(f), (None, f"not inside a label folder {split.name}/{{label}}/"))
+            for f in sorted(split.iterdir())
+            if f.suffix.lower() in suffixes and not f.is_dir() and not f.name.startswith(".")
+        ]
+        for folder in labels:
+            for f in sorted(folder.iterdir()):
+                if f.suffix.lower() in suffixes and not f.name.startswith("."):
+                    item = (folder.name, escapes(src, f) or "")
+                    items.append(Item(str(f), item, folder.name))
+        if items:
+            out[split.name] = items
+    builder.expect(
+        bool(out),
+        f"expected {{split}}/{{label}}/FILE with FILE ending in {' '.join(sorted(suffixes))}",
+    )
+    return out
+
+
+def check_task(task: object) -> None:
+    """Options: a task name (rendered as the clip's first frame) must be a non-blank string."""
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError(f"task must be a non-empty name, got {task!r}")

@@ -142,12 +142,13 @@ class Cifar10Builder(Builder):
                 if not path.is_file():
                     continue
                 try:
-                    n = len(load_batch(str(path))["labels"])
+                    labels = load_batch(str(path))["labels"]
                 except BadInputError as e:  # one quarantined input stands for the whole file
                     out.setdefault(split, []).append(Item(str(path), ("bad", e.reason)))
                     continue
                 out.setdefault(split, []).extend(
-                    Item(f"{path}:{i}", (str(path), i)) for i in range(n)
+                    Item(f"{path}:{i}", (str(path), i), _stratum(label))
+                    for i, label in enumerate(labels)
                 )
         return out
 
@@ -167,7 +168,7 @@ class Cifar10Builder(Builder):
             )
             self.expect(bool(classes), f"{split.name}/: no class folders")
             out[split.name] = [
-                Item(str(f), CLASSES.index(c.name))
+                Item(str(f), CLASSES.index(c.name), CLASSES.index(c.name))
                 for c in classes
                 for f in sorted(c.iterdir())
                 if f.suffix.lower() in IMAGE_SUFFIXES
@@ -194,6 +195,12 @@ class Cifar10Builder(Builder):
         label = int(label)
         word = CLASSES[label]
         return Example("cifar10", frames, self.words(word), word, label)
+
+
+def _stratum(label: object) -> int | None:
+    """A row's label as its --limit stratum (a bad label has none; ``example`` refuses it)."""
+    ok = isinstance(label, int) and not isinstance(label, bool) and 0 <= label <= 9
+    return int(label) if ok else None
 
 
 BUILDER = Cifar10Builder

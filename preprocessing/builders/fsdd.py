@@ -40,7 +40,8 @@ class FsddBuilder(Builder):
         for w in wavs:
             m = NAME.match(w.stem)
             split = "test" if m and int(m.group(3)) < 5 else "train"
-            out[split].append(Item(str(w)))
+            digit = int(m.group(1)) if m and int(m.group(1)) <= 9 else None
+            out[split].append(Item(str(w), stratum=digit))
         return out
 
     def example(self, item: Item) -> Example:

@@ -49,7 +49,7 @@ class Sst2Builder(Builder):
                 f"{path.name}: expected the header 'sentence<TAB>label'",
             )
             # data: the row's fields, or None and why it cannot be read
-            out[split] = [Item(f"{path}:{n}", (row, why)) for n, row, why in rows]
+            out[split] = [Item(f"{path}:{n}", (row, why), _label(row)) for n, row, why in rows]
         if self.options.balance and "train" in out:
             out["train"] = balanced(out["train"])
         return out
@@ -86,11 +86,15 @@ def balanced(items: list[Item]) -> list[Item]:
     by_label: dict[str, list[Item]] = {"0": [], "1": []}
     unreadable = []
     for it in items:
-        fields = it.data[0]
-        label = fields[1].strip() if fields is not None and len(fields) == 2 else None
-        by_label.get(label, unreadable).append(it)
+        by_label.get(it.stratum, unreadable).append(it)
     pairs = zip(by_label["0"], by_label["1"])
     return unreadable + [it for pair in pairs for it in pair]
+
+
+def _label(fields: list[str] | None) -> str | None:
+    """A row's label, "0" or "1" (its --limit stratum); None for a row that has none."""
+    label = fields[1].strip() if fields is not None and len(fields) == 2 else None
+    return label if label in ("0", "1") else None
 
 
 BUILDER = Sst2Builder

@@ -61,8 +61,9 @@ class SyntheticBuilder(Builder):
             ("val", self.options.val_per_task),
         ):
             n = per_task * len(tasks)
+            picks = [tasks[i % len(tasks)] for i in range(n)]
             out[split] = [
-                Item(f"synthetic:{split}:{i}", (split, tasks[i % len(tasks)])) for i in range(n)
+                Item(f"synthetic:{split}:{i}", (split, t), t) for i, t in enumerate(picks)
             ]
         return out
 
