@@ -13,8 +13,13 @@ RUN/code/; ``slurm/train.sbatch`` is rendered into RUN/train.sbatch (its ``#SBAT
 from the options, the job's settings exported after them) and submitted with ``sbatch``. With
 ``--eval-data``, ``slurm/eval.sbatch`` is rendered into RUN/eval.sbatch and submitted with
 ``--dependency=afterok:TRAIN_JOB``: it evaluates the run's last checkpoint into
-RUN/eval/step_NNNNNNNN.json once training has finished for good (requeues included).
+RUN/eval/DATASET/SPLIT/step_NNNNNNNN.json once training has finished for good (requeues included).
 Submitting again with the same RUN and the same config resumes the run; another config is refused.
+A submission that fails before sbatch has taken the training job (sbatch refuses it: an unknown
+partition, a bad option) leaves the run directory as it was (what it wrote is removed, what it
+replaced is put back), so a corrected retry, with another config too, goes through. When only
+the chained evaluation is refused, the training job stays submitted (and recorded) and the
+error says so.
 
 Preprocessing: ``slurm/preprocess.sbatch`` is rendered into OUT/.slurm/ and submitted as an
 array of N parts plus a merge job that runs after the whole array succeeded (afterok).
@@ -37,6 +42,7 @@ RUN/config.yaml is the job's config and never holds a secret (docs/operations.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -45,6 +51,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import evav
@@ -247,11 +254,15 @@ def submit_training(args: argparse.Namespace) -> list[int]:
         return []
 
     sbatch = _sbatch_binary()
-    (run_dir / "eval").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    snapshot = code_snapshot(run_dir / "code")
-    train_path.write_text(train_script)
-    job = submit(sbatch, train_path)
+    # until sbatch takes the training job, a failure (sbatch refused, a bad option) undoes what
+    # this submission wrote: a corrected retry (another config included) finds the run dir as
+    # it was before
+    with _undo_on_failure(run_dir, ["config.yaml", "train.sbatch", "eval", "code"]):
+        (run_dir / "eval").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+        snapshot = code_snapshot(run_dir / "code")
+        train_path.write_text(train_script)
+        job = submit(sbatch, train_path)
     print(
         f"submitted training job {job}: {args.nodes} node(s) x {tasks_per_node} task(s), "
         f"run dir {run_dir}, log {run_dir / f'slurm-{job}.out'}"
@@ -259,13 +270,58 @@ def submit_training(args: argparse.Namespace) -> list[int]:
     eval_job = None
     if eval_script:
         eval_path.write_text(eval_script)
-        eval_job = submit(sbatch, eval_path, f"--dependency=afterok:{job}")
+        try:
+            eval_job = submit(sbatch, eval_path, f"--dependency=afterok:{job}")
+        except SubmitError as e:  # the training job is queued: it stays, and so does its config
+            _record(run_dir, {"train_job": job, "eval_job": None, **snapshot})
+            raise SubmitError(
+                f"{e}; training job {job} was submitted and runs without it: fix the problem "
+                f"and submit the evaluation with `sbatch --dependency=afterok:{job} {eval_path}`"
+            ) from None
         print(
             f"submitted evaluation job {eval_job} (after job {job} succeeds): results in "
             f"{run_dir / 'eval'}"
         )
     _record(run_dir, {"train_job": job, "eval_job": eval_job, **snapshot})
     return [job] + ([eval_job] if eval_job else [])
+
+
+@contextlib.contextmanager
+def _undo_on_failure(run_dir: Path, names: list[str]) -> Iterator[None]:
+    """On an exception, put back the run dir's entries ``names`` as they were before: remove
+    those this block created (the run dir too, when it made it and left it empty) and rewrite
+    the files it replaced (a folder's files included); then re-raise."""
+    made_run_dir = not run_dir.exists()
+    before: dict[str, dict[Path, bytes] | None] = {}
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            before[name] = {p: p.read_bytes() for p in path.rglob("*") if p.is_file()}
+        elif path.is_file():
+            before[name] = {path: path.read_bytes()}
+        else:
+            before[name] = None
+    try:
+        yield
+    except BaseException:
+        for name, files in before.items():
+            path = run_dir / name
+            if files is None:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+                continue
+            if path.is_dir():  # files the block added to a folder that was there
+                for p in sorted(path.rglob("*"), reverse=True):
+                    if p.is_file() and p not in files:
+                        p.unlink()
+            for p, data in files.items():
+                p.write_bytes(data)
+        if made_run_dir:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty
+        raise
 
 
 def _check_same_run(run_dir: Path, config_yaml: str) -> None:

@@ -91,7 +91,9 @@ def test_tiny_demo_prints_the_table_and_writes_its_files(tmp_path):
     eval_run = re.search(r"mlflow:\s+run (\w+) at (\S+)", text)  # printed by evav eval
     assert eval_run and eval_run.group(2) == uri, text[-3000:]
     metrics = client.get_run(eval_run.group(1)).data.metrics
-    assert {f"eval/{t}/samples" for t in TASKS} <= set(metrics), sorted(metrics)
+    where = f"eval/{results['dataset']}/val"  # eval/DATASET/SPLIT/TASK/METRIC
+    assert results["dataset"] and results["split"] == "val", results
+    assert {f"{where}/{t}/samples" for t in TASKS} <= set(metrics), sorted(metrics)
 
     # again: the shards are reused and the finished run is resumed (evaluated, not retrained)
     lines = (run_dir / "metrics.jsonl").read_text().count("\n")

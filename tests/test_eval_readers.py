@@ -152,3 +152,41 @@ def test_an_answer_that_renders_to_no_frame_is_never_read_out():
     assert r.nearest(TEXT.render_text("good")) == "good"
     with pytest.raises(ValueError, match="no candidate answer renders to a frame"):
         ClassificationReader("sst2", [sample("sst2", " "), sample("sst2", "\t")], TEXT)
+
+
+def test_classification_ranks_every_candidate_nearest_first():
+    samples = [sample("sst2", a) for a in ("negative", "positive", "very good", "good")]
+    r = ClassificationReader("sst2", samples, TEXT)
+    gen = noisy(np.concatenate([TEXT.render_text("very"), TEXT.render_text("good")]), seed=5)
+    ranked = r.ranked(gen)
+    assert [label for label, _ in ranked][0] == "very good" and len(ranked) == 4
+    dists = [d for _, d in ranked]
+    assert dists == sorted(dists) and dists[0] < dists[1]
+    # the distance is the mean squared pixel difference, per answer frame
+    exact = r.ranked(np.concatenate([TEXT.render_text("very"), TEXT.render_text("good")]))
+    assert exact[0] == ("very good", 0.0)
+    # one generated frame of a two-frame answer: each candidate compared on that frame only
+    assert r.ranked(TEXT.render_text("very"))[0] == ("very good", 0.0)
+
+
+def test_video_prediction_copy_last_frame_baseline():
+    s = sample("next", segments={"task": 1, "input": 3, "separator": 1, "output": 2})
+    r = make_reader("next", [s], TEXT)
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)  # task, 3 inputs, separator
+    truth = np.stack([prompt[3], noisy(prompt[3], sigma=20)])  # still, then a little change
+    base = r.baseline(prompt, truth, s)
+    assert base["copy_last_psnr_per_frame"][0] == 100.0  # the last input frame, not the separator
+    assert 20 < base["copy_last_psnr_per_frame"][1] < 30
+    rec = {**r.read(truth, truth, s), **base}
+    m = r.score([rec])
+    assert m["psnr"] == 100.0 and m["copy_last_psnr"] == pytest.approx(
+        np.mean(base["copy_last_psnr_per_frame"])
+    )
+    assert 0 < m["copy_last_ssim"] < 1
+    # a pretraining clip (no separator): the prompt's last frame is the last input frame
+    p = sample("video", segments={"task": 1, "input": 6})
+    clip = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    n = prompt_length(p.meta)
+    got = make_reader("video", [p], TEXT).baseline(clip[:n], clip[n - 1 : n], p)
+    assert got["copy_last_psnr_per_frame"] == [100.0]

@@ -459,24 +459,24 @@ def test_task_names_from_data_never_become_paths_or_break_the_report(
     assert not (tmp_path / "abs").exists() and not (tmp_path / "x_0.png").exists()
     r = strict_json(out)
     assert set(r["tasks"]) == shown and all(m["samples"] == PER_TASK for m in r["tasks"].values())
-    # every table row keeps its 8 cell borders: | and newlines from the data are escaped
+    # every table row keeps its 10 cell borders: | and newlines from the data are escaped
     report = (rdir / "report.md").read_text()
     for text in (stdout, report):
         rows = [x for x in text.splitlines() if x.startswith("| ") and "classification" in x]
         assert len(rows) == 4, text
-        assert all(len(re.findall(r"(?<!\\)\|", x)) == 8 for x in rows), rows
+        assert all(len(re.findall(r"(?<!\\)\|", x)) == 10 for x in rows), rows
     cell = md_text(names["add"])
     assert cell == r"a\|b\\u000ac \[x\](http://evil/t.png) \<b\>" and f"| {cell} |" in report
     assert "[x](" not in report and "<b>" not in report  # no link, no HTML
-    # MLflow: metric keys and artifact names are the safe names too
+    # MLflow: metric keys (eval/DATASET/SPLIT/TASK/METRIC) and artifact names are safe names
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     run_id = (run / "mlflow_run_id").read_text().strip()
     metrics = client.get_run(run_id).data.metrics
     for name in names.values():
-        assert f"eval/{safe_name(name)}/accuracy" in metrics
-    listed = client.list_artifacts(run_id, "eval/step_00000004/report/examples")
+        assert f"eval/data/val/{safe_name(name)}/accuracy" in metrics
+    listed = client.list_artifacts(run_id, "eval/data/val/step_00000004/report/examples")
     assert {Path(a.path).name for a in listed} == {p.name for p in examples}
 
 

@@ -20,7 +20,7 @@ from evav.config import dump_yaml, load_config
 from evav.launch import code_snapshot, parse_time, render
 from evav.train import TrainConfig
 from tests.slurm_fixtures import parse_scontrol_record
-from tests.test_slurm_train import evav_submit, slurm_shards  # noqa: F401 (a fixture)
+from tests.test_slurm_train import eval_result, evav_submit, slurm_shards  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "debug.yaml")
@@ -456,6 +456,65 @@ def test_sbatch_refusal_is_reported(slurm_cluster, slurm_shards, tmp_path):  # n
     assert "sbatch refused" in res.stderr and "nosuch" in res.stderr.lower(), res.stderr
 
 
+def test_a_failed_submit_leaves_nothing_that_blocks_a_corrected_retry(
+    slurm_cluster,
+    slurm_shards,  # noqa: F811
+    tmp_path,
+):
+    """sbatch refuses the job (an unknown partition, an option it does not know): the run dir
+    is as before, so a retry with another config goes through; an existing run's files are
+    put back byte for byte."""
+    run_dir = tmp_path / "run"
+    data = f"data.train=[{slurm_shards}]"
+    for bad in (["--partition", "nosuch"], ["--sbatch=--no-such-option=1"]):
+        res, jobs = evav_submit(
+            slurm_cluster,
+            tmp_path,
+            CONFIG,
+            data,
+            "steps=5",
+            "--run-dir",
+            run_dir,
+            *bad,
+            check=False,
+        )
+        assert res.returncode == 2 and not jobs, res.stdout + res.stderr
+        assert "sbatch refused" in res.stderr, res.stderr
+        assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+    # the corrected retry, with another config; held, so that it never runs
+    res, jobs = evav_submit(
+        slurm_cluster, tmp_path, CONFIG, data, "steps=6", "--run-dir", run_dir, "--sbatch=--hold"
+    )
+    try:
+        assert len(jobs) == 1, res.stdout + res.stderr
+        assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 6
+        before = {
+            str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
+        }
+        assert {"config.yaml", "train.sbatch", "code/version.json"} <= set(before)
+        # a failed resubmission of that run (here with another job option) changes nothing
+        res, again = evav_submit(
+            slurm_cluster,
+            tmp_path,
+            CONFIG,
+            data,
+            "steps=6",
+            "--run-dir",
+            run_dir,
+            "--partition",
+            "nosuch",
+            check=False,
+        )
+        assert res.returncode == 2 and not again, res.stdout + res.stderr
+        after = {
+            str(p.relative_to(run_dir)): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()
+        }
+        assert after == before
+    finally:
+        for job in jobs:
+            slurm_cluster.scancel(str(job))
+
+
 def test_evaluation_job_runs_after_the_training_job(
     slurm_cluster,
     slurm_shards,  # noqa: F811
@@ -502,7 +561,7 @@ def test_evaluation_job_runs_after_the_training_job(
     }
     assert done[str(eval_job)]["StartTime"] >= done[str(train_job)]["EndTime"]
 
-    results = json.loads((run_dir / "eval" / "step_00000006.json").read_text())
+    results = json.loads(eval_result(run_dir, slurm_shards, 6).read_text())
     assert results["step"] == 6
     assert results["checkpoint"] == str(run_dir / "checkpoints" / "step_00000006")
     assert sorted(results["tasks"]) == ["add", "count", "direction", "next", "pitch"]

@@ -156,6 +156,14 @@ def test_usr2_checkpoints_requeues_and_resumes_in_the_same_run(
     assert cut == 5, f"resumed at step {cut}"
 
 
+def eval_result(run_dir: Path, data, step: int) -> Path:
+    """The one results file `evav eval` wrote for checkpoint ``step`` on dataset ``data``:
+    RUN/eval/<data folder name>/<split>/step_N.json (the split is eval's default)."""
+    found = sorted((run_dir / "eval" / Path(data).name).glob(f"*/step_{step:08d}.json"))
+    assert len(found) == 1, sorted(str(p) for p in (run_dir / "eval").rglob("*.json"))
+    return found[0]
+
+
 def evav_submit(
     cluster, cwd: Path, *args: str, check: bool = True, fault: str = ""
 ) -> tuple[subprocess.CompletedProcess, list[int]]:
@@ -263,5 +271,5 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(slurm_cluster, slur
         )
     }
     assert done[str(eval_job)]["StartTime"] >= done[str(job)]["EndTime"]
-    results = json.loads((run_dir / "eval" / "step_00000100.json").read_text())
+    results = json.loads(eval_result(run_dir, slurm_shards, 100).read_text())
     assert results["step"] == 100 and results["tasks"], results

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
+
+from evav.eval.report import predictions_sheet  # noqa: E402 - after the sys.path line above
 
 CONFIG = REPO / "configs" / "demo.yaml"
 
@@ -358,36 +359,6 @@ def summary_rows(results: dict, copy_psnr: dict[str, float]) -> list[dict]:
             }
         )
     return rows
-
-
-def predictions_sheet(examples: Path, out: Path, scale: int = 2) -> Path:
-    """Stack the eval report's example images (rows: input | predicted | true), one per task,
-    each labelled with its task, into one PNG."""
-    files = sorted(examples.glob("*_0.png")) or sorted(examples.glob("*.png"))
-    if not files:
-        raise FileNotFoundError(f"{examples}: the eval report has no example images")
-    label_w, gap = 90, 6
-    tiles = []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-        tile = Image.new("RGB", (label_w + img.width, img.height), (32, 32, 32))
-        tile.paste(img, (label_w, 0))
-        draw = ImageDraw.Draw(tile)
-        draw.text((6, 2), f.stem.rsplit("_", 1)[0], fill=(255, 255, 0))
-        for i, row in enumerate(("input", "predicted", "true")):  # the sheet's three rows
-            draw.text((6, (2 * i + 1) * img.height // 6 - 5), row, fill=(160, 160, 160))
-        tiles.append(tile)
-    sheet = Image.new(
-        "RGB", (max(t.width for t in tiles), sum(t.height + gap for t in tiles)), (16, 16, 16)
-    )
-    y = 0
-    for t in tiles:
-        sheet.paste(t, (0, y))
-        y += t.height + gap
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,6 +1,7 @@
 """`evav eval` and `evav generate`.
 
-evav eval runs/fsdd --data shards/fsdd --out results.json        # newest checkpoint that verifies
+evav eval runs/fsdd                          # the run's training data, val split, newest checkpoint
+evav eval runs/fsdd --data shards/fsdd --split test --limit 50 --seed 1 --out results.json
 torchrun --nproc_per_node 2 -m evav.cli eval runs/fsdd --data shards/fsdd   # samples split over ranks
 evav generate runs/fsdd --task fsdd --input 7_george_0.wav --frames 1 --out answer.gif
 evav generate exports/tiny --task add --input "two plus two" --frames 1 --out answer.png
@@ -20,21 +21,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "checkpoint",
         help="a run dir (its newest checkpoint that verifies), a "
-        "RUN/checkpoints/step_NNNNNNNN dir, or an export dir (tools/export.py)",
+        "RUN/checkpoints/step_NNNNNNNN dir, or an export dir (evav export)",
     )
     p.add_argument(
-        "--data", required=True, help="dataset dir(s) with manifest.json, comma-separated"
+        "--data",
+        default=None,
+        help="dataset dir(s) with manifest.json, comma-separated (default: the run's training "
+        "data, data.train, on its validation split)",
     )
     p.add_argument(
-        "--split", default=None, help="default: test when every dataset has it, else val"
+        "--split",
+        default=None,
+        help="default: with --data, test when every dataset has it, else val; "
+        "without, the run's data.val_split",
     )
     p.add_argument(
         "--out",
         default=None,
-        help="results JSON (default: RUN/eval/step_NNNNNNNN.json "
-        "for a training checkpoint, else ./results.json)",
+        help="results JSON (default: RUN/eval/DATASET/SPLIT/step_NNNNNNNN.json for a training "
+        "checkpoint, else ./eval/DATASET/SPLIT/step_NNNNNNNN.json)",
     )
-    p.add_argument("--limit", type=int, default=None, help="at most N samples per task")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="at most N samples per task, stratified: every answer in proportion",
+    )
+    p.add_argument("--seed", type=int, default=0, help="which samples --limit draws (default 0)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--max-video-frames",
@@ -62,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
     from evav.eval import report
     from evav.eval.load import load_checkpoint
     from evav.eval.run import EvalOptions, RenderMismatchError, evaluate
-    from evav.eval.samples import NoSamplesError, default_split, load_eval_data
+    from evav.eval.samples import NoSamplesError, default_split, load_eval_data, one_line
     from evav.metrics import redact_uri
 
     logging.basicConfig(
@@ -86,13 +99,19 @@ def main(args: argparse.Namespace) -> int:
         )
         if device.type == "cuda" and denv.world_size > 1:
             device = dist.device()
-        dirs = [d for d in args.data.split(",") if d]
         try:
-            split = args.split or default_split(dirs)
-            data = load_eval_data(dirs, split, args.limit)
+            if args.limit is not None and args.limit < 1:
+                raise ValueError(f"--limit must be >= 1, not {args.limit}")
             loaded = load_checkpoint(args.checkpoint, device)
+            if args.data:
+                dirs = [d for d in args.data.split(",") if d]
+                split = args.split or default_split(dirs)
+            else:
+                split = args.split or loaded.config.data.val_split
+                dirs = training_data(loaded, split)
+            data = load_eval_data(dirs, split, args.limit, args.seed)
         except (OSError, ValueError) as e:
-            print(f"evav eval: error: {e}", file=sys.stderr)
+            print(f"evav eval: error: {one_line(str(e), 1000)}", file=sys.stderr)
             return 2
         if denv.is_main:
             log.info(
@@ -123,14 +142,25 @@ def main(args: argparse.Namespace) -> int:
             "step": loaded.step,
             "model": loaded.config.model.preset,
             "processes": denv.world_size,
+            "dataset": report.dataset_name(dirs),
+            "limit": args.limit,
+            "seed": args.seed,
             **results,
         }
-        out = Path(args.out) if args.out else default_out(loaded)
-        report.write_results(results, out)
-        files = [out]
-        if not args.no_report:
-            rdir = Path(args.report) if args.report else out.with_name(out.stem + "_report")
-            files.append(report.write_report(results, rdir).parent)
+        out = Path(args.out) if args.out else default_out(loaded, results["dataset"], split)
+        rdir = Path(args.report) if args.report else out.with_name(out.stem + "_report")
+        try:
+            report.write_results(results, out)
+            files = [out]
+            if not args.no_report:
+                files.append(report.write_report(results, rdir).parent)
+        except (OSError, ValueError) as e:
+            print(f"evav eval: error: {one_line(str(e), 1000)}", file=sys.stderr)
+            return 2
+        print(
+            f"{results['dataset']}, split {split}, step {loaded.step}"
+            + (f", {args.limit} per task (seed {args.seed})" if args.limit else "")
+        )
         print(report.summary_table(results))
         if results["skipped_total"]:
             print(report.skipped_summary(results))
@@ -151,11 +181,38 @@ def main(args: argparse.Namespace) -> int:
         dist.destroy()
 
 
-def default_out(loaded) -> Path:
+def default_out(loaded, dataset: str, split: str) -> Path:
+    """RUN/eval/DATASET/SPLIT/step_N.json for RUN/checkpoints/step_N, else the same under ./"""
+    from evav.eval.report import results_path
+
     p = loaded.path
-    if p.parent.name == "checkpoints":  # RUN/checkpoints/step_N -> RUN/eval/step_N.json
-        return p.parent.parent / "eval" / f"{p.name}.json"
-    return Path("results.json")
+    run = p.parent.parent if p.parent.name == "checkpoints" else Path(".")
+    return results_path(run, dataset, split, loaded.step)
+
+
+def training_data(loaded, split: str) -> list[str]:
+    """The run's training datasets (``data.train``) that have ``split``; a one-line ValueError
+    when none has."""
+    from evav.manifest import load_manifest
+
+    dirs, why = [], []
+    for d in loaded.config.data.train:
+        try:
+            m = load_manifest(d)
+        except (OSError, ValueError) as e:
+            why.append(f"{d}: {e}")
+            continue
+        if split in m.splits:
+            dirs.append(d)
+        else:
+            why.append(f"{d} has no split {split!r}")
+    if not dirs:
+        listed = "; ".join(why) if why else "data.train is empty"
+        raise ValueError(
+            f"no --data given and the checkpoint's training data has no {split!r} split to "
+            f"evaluate ({listed}); pass --data DIR"
+        )
+    return dirs
 
 
 # -- evav generate ---------------------------------------------------------------------------
@@ -194,6 +251,13 @@ def generate_main(args: argparse.Namespace) -> int:
 
     if args.frames < 1:
         raise BadInputError(args.out, "--frames must be >= 1")
+    if not Path(args.input).is_file() and looks_like_path(args.input):
+        print(
+            f"evav generate: error: --input {one_line(args.input)}: no such file "
+            "(text to render has a space, or neither a slash nor a file extension)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         loaded = load_checkpoint(args.checkpoint)
         spec = render_spec_for(loaded, args.data)
@@ -241,7 +305,48 @@ def generate_main(args: argparse.Namespace) -> int:
         print(f"evav generate: error: {args.out}: cannot write it ({e})", file=sys.stderr)
         return 2
     print(f"{out}: {len(prompt)} prompt frames + {len(gen_u8)} generated")
+    print(read_back(loaded, spec, args.task, gen_u8, args.data))
     return 0
+
+
+def looks_like_path(s: str) -> bool:
+    """An --input that is meant as a file: one word with a slash or a file extension."""
+    import re
+
+    return not re.search(r"\s", s) and (
+        "/" in s or "\\" in s or bool(re.search(r"\.[A-Za-z]\w{0,4}$", s))
+    )
+
+
+def read_back(loaded, spec, task: str, gen_THWC, data_dir: str | None) -> str:
+    """One line: the answer read back from generated frames, against the task's answers in the
+    data (``data_dir``, else the training data; its test or val split), with the distance to
+    it and to the runner-up (classification tasks; other kinds are read by evav eval)."""
+    from evav.eval.readers import ClassificationReader, make_reader
+    from evav.eval.samples import default_split, load_eval_data, one_line
+    from evav.frames import TextRenderer
+
+    dirs = [data_dir] if data_dir else list(loaded.config.data.train)
+    try:
+        data = load_eval_data(dirs, default_split(dirs))
+        samples = data.by_task(population=True).get(task)
+        if not samples:
+            return f"read back: none (no sample of task {one_line(task)!r} in {', '.join(dirs)})"
+        reader = make_reader(task, samples, TextRenderer(spec))
+    except (OSError, ValueError) as e:
+        return f"read back: none ({one_line(str(e))})"
+    if isinstance(reader, ClassificationReader):
+        ranked = reader.ranked(gen_THWC)
+        (best, d), rest = ranked[0], ranked[1:]
+        frames = min(len(gen_THWC), reader.max_len)
+        note = (
+            f"; compared on {frames} of {reader.max_len} answer frames"
+            if frames < reader.max_len
+            else ""
+        )
+        runner = f", runner-up {one_line(rest[0][0])!r} at {rest[0][1]:.1f}" if rest else ""
+        return f"read back: {one_line(best)!r} (mean squared distance {d:.1f}{runner}{note})"
+    return f"read back: none (task {one_line(task)!r} is of kind {reader.kind}; evav eval reads it)"
 
 
 def render_spec_for(loaded, data_dir: str | None):
@@ -250,7 +355,7 @@ def render_spec_for(loaded, data_dir: str | None):
     from evav.frames import RenderSpec
     from evav.manifest import load_manifest
 
-    saved = loaded.path / "render_spec.yaml"  # written by tools/export.py
+    saved = loaded.path / "render_spec.yaml"  # written by evav export
     if not data_dir and saved.is_file():
         return load_config(RenderSpec, saved, [])
     for d in [data_dir] if data_dir else list(loaded.config.data.train):

@@ -2,7 +2,7 @@
 
     loaded = load_checkpoint("runs/x")                      # the run's newest verified checkpoint
     loaded = load_checkpoint("runs/x/checkpoints/step_00001000")
-    loaded = load_checkpoint("exports/x")                   # written by tools/export.py
+    loaded = load_checkpoint("exports/x")                   # written by evav export
 
 A training checkpoint is verified against its ``COMPLETE`` marker first (sizes and sha256 of
 every file; a run directory falls back to its previous checkpoint when the newest fails, a

@@ -9,7 +9,7 @@ One reader per task kind (DESIGN.md section 2, item 6):
 | multilabel | frames -> words -> the labels whose words appear | macro F1, exact match |
 | tracking | red-box detection in each generated frame | mean IoU (and per frame index) |
 | colorization | colour statistics of the generated frames | colourfulness, CDC, PSNR (vs truth) |
-| video_prediction | pixels | PSNR and SSIM per predicted frame index |
+| video_prediction | pixels | PSNR and SSIM per predicted frame index (and of copying the last input frame) |
 
 The kind comes from the task name for the datasets whose answers are not a closed label set
 (``KINDS``), otherwise from the metadata: an answer text means classification, no answer means
@@ -22,7 +22,7 @@ templates are exactly the frames the model was trained to produce.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -77,6 +77,10 @@ class Reader:
     def read(self, gen_THWC: np.ndarray, truth_THWC: np.ndarray, s: EvalSample) -> dict:
         raise NotImplementedError
 
+    def baseline(self, prompt_THWC: np.ndarray, truth_THWC: np.ndarray, s: EvalSample) -> dict:
+        """Metrics of a trivial prediction made from the prompt alone (none by default)."""
+        return {}
+
     def score(self, records: list[dict]) -> dict:
         raise NotImplementedError
 
@@ -104,13 +108,20 @@ class ClassificationReader(Reader):
         return self.max_len
 
     def nearest(self, gen_THWC: np.ndarray) -> str:
-        g = torch.from_numpy(gen_THWC[: self.max_len]).float().flatten(1)  # (L, D)
-        d = ((self.templates - g[None]) ** 2).mean(-1)  # (C, L)
-        valid = torch.arange(self.max_len)[None] < self.lengths[:, None]
-        per_candidate = (d * valid).sum(1) / self.lengths.clamp(min=1)
+        return self.ranked(gen_THWC)[0][0]
+
+    def ranked(self, gen_THWC: np.ndarray) -> list[tuple[str, float]]:
+        """Every candidate with its mean squared pixel distance to the generated frames,
+        nearest first (ties in label order). Fewer frames than the longest answer compare
+        each candidate on the frames there are."""
+        g = torch.from_numpy(np.asarray(gen_THWC[: self.max_len])).float().flatten(1)  # (L', D)
+        d = ((self.templates[:, : len(g)] - g[None]) ** 2).mean(-1)  # (C, L')
+        valid = torch.arange(len(g))[None] < self.lengths[:, None]
+        per_candidate = (d * valid).sum(1) / valid.sum(1).clamp(min=1)
         # an answer that renders to no frame (whitespace, say) can never be generated
         per_candidate[self.lengths == 0] = float("inf")
-        return self.labels[int(per_candidate.argmin())]
+        order = sorted(range(len(self.labels)), key=lambda i: (float(per_candidate[i]), i))
+        return [(self.labels[i], float(per_candidate[i])) for i in order]
 
     def read(self, gen_THWC, truth_THWC, s):
         return {"pred": self.nearest(gen_THWC), "true": str(s.meta["answer"])}
@@ -245,15 +256,31 @@ class VideoPredictionReader(Reader):
         q = scores.per_frame_quality(gen_THWC[None], truth_THWC[None])
         return {"psnr_per_frame": q["psnr_per_frame"], "ssim_per_frame": q["ssim_per_frame"]}
 
+    def baseline(self, prompt_THWC, truth_THWC, s):
+        """Copy the last input frame into every predicted frame (the model must beat this)."""
+        last = len(prompt_THWC) - 1
+        if s.meta["segments"].get("output"):  # the prompt ends with the separator
+            last -= int(s.meta["segments"].get("separator", 0))
+        copy = np.repeat(prompt_THWC[last][None], len(truth_THWC), axis=0)
+        q = scores.per_frame_quality(copy[None], truth_THWC[None])
+        return {
+            "copy_last_psnr_per_frame": q["psnr_per_frame"],
+            "copy_last_ssim_per_frame": q["ssim_per_frame"],
+        }
+
     def score(self, records):
         psnr, ssim = _per_index(records, "psnr_per_frame"), _per_index(records, "ssim_per_frame")
-        return {
+        out = {
             "psnr": _finite_mean(psnr),
             "ssim": _finite_mean(ssim),
             "psnr_per_frame": psnr,
             "ssim_per_frame": ssim,
             "n": len(records),
         }
+        if all("copy_last_psnr_per_frame" in r for r in records):
+            out["copy_last_psnr"] = _finite_mean(_per_index(records, "copy_last_psnr_per_frame"))
+            out["copy_last_ssim"] = _finite_mean(_per_index(records, "copy_last_ssim_per_frame"))
+        return out
 
 
 READERS = {
@@ -273,6 +300,21 @@ def make_reader(
     task: str, samples: list[EvalSample], text: TextRenderer, max_video_frames: int = 8
 ) -> Reader:
     return READERS[kind_of(task, samples)](task, samples, text, max_video_frames)
+
+
+def majority_baseline(records: list[dict]) -> dict:
+    """The answer distribution of ``records`` (``[answer, count]`` pairs of the ``true``
+    answers, most frequent first: a list, as JSON objects lose their order) and the accuracy of
+    always answering the most frequent one; {} when the answers are not strings."""
+    truths = [r.get("true") for r in records]
+    if not truths or not all(isinstance(t, str) for t in truths):
+        return {}
+    counts = sorted(Counter(truths).items(), key=lambda kv: (-kv[1], kv[0]))
+    return {
+        "answers": [[a, n] for a, n in counts],
+        "majority_answer": counts[0][0],
+        "majority": counts[0][1] / len(truths),
+    }
 
 
 def chance_level(reader: Reader) -> float | None:

@@ -1,8 +1,14 @@
 """Eval outputs: the results JSON, a markdown report with example clips, and the MLflow record.
 
-    results.json                        task -> metrics, sample counts, checkpoint step, render hash
+    results.json                        task -> metrics, baselines, answer distribution, step, ...
     results_report/report.md            a table per task, the skipped samples, example clips
-    results_report/examples/TASK_i.png  input | predicted | true, one row each (TASK: safe_name)
+    results_report/examples/TASK_i.png  labelled rows input | predicted (read back) | true,
+                                        frames upscaled (TASK: safe_name)
+
+For a training checkpoint the default place is ``RUN/eval/DATASET/SPLIT/step_NNNNNNNN.json``
+(``results_path``; DATASET: ``dataset_name``), so evaluations of other data or splits never
+overwrite each other. A report folder is written beside its final place and swapped in whole
+(``write_report``): it never keeps an example of an earlier evaluation.
 
 Task names, answers and keys come from the data, so none is trusted: a name becomes a file name
 only through ``safe_name`` (and an MLflow key only through it too), and text goes into the
@@ -10,9 +16,9 @@ markdown only through ``md_text`` (a ``|`` or a newline cannot break a table, a 
 is not a link).
 
 MLflow: the metrics go to the checkpoint's training run when it has one (keys
-``eval/TASK/METRIC`` at the checkpoint's step, tag ``eval.step``), else to a new run in the
-experiment ``evav-eval``; the JSON and the report are attached as artifacts under
-``eval/step_NNNNNNNN``. A tracking server that cannot be reached is reported once and never
+``eval/DATASET/SPLIT/TASK/METRIC`` at the checkpoint's step, tags ``eval.step``,
+``eval.dataset``, ``eval.split``), else to a new run in the experiment ``evav-eval``; the JSON
+and the report are attached as artifacts under ``eval/DATASET/SPLIT/step_NNNNNNNN``. A tracking server that cannot be reached is reported once and never
 fails the evaluation: the JSON file is the record.
 """
 
@@ -24,13 +30,15 @@ import logging
 import math
 import os
 import re
+import shutil
 import unicodedata
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from evav.frames import contact_sheet
+from evav.frames.spec import BUNDLED_FONT
 from evav.manifest import write_json_atomic
 
 log = logging.getLogger("evav.eval")
@@ -119,10 +127,12 @@ def write_results(results: dict, out: Path) -> Path:
 
 
 def summary_table(results: dict) -> str:
-    """A markdown table: task, kind, samples evaluated and skipped, headline metric, chance."""
+    """A markdown table: task, kind, samples evaluated and skipped, headline metric, chance,
+    the trivial baseline (majority answer, or copying the last input frame) and the answer
+    distribution of the evaluated samples."""
     rows = [
-        "| task | kind | samples | skipped | metric | value | chance |",
-        "|---|---|---:|---:|---|---:|---:|",
+        "| task | kind | samples | skipped | metric | value | chance | baseline | answers |",
+        "|---|---|---:|---:|---|---:|---:|---:|---|",
     ]
     for task, r in results["tasks"].items():
         metric = HEADLINE.get(r["kind"], "?")  # "?": no sample was readable, the kind unknown
@@ -137,9 +147,30 @@ def summary_table(results: dict) -> str:
         )
         rows.append(
             f"| {md_text(task)} | {r['kind'] or '?'} | {r['samples']} | {_skipped_cell(r)} | "
-            f"{metric} | {shown} | {'' if chance is None else f'{chance:.3f}'} |"
+            f"{metric} | {shown} | {'' if chance is None else f'{chance:.3f}'} | "
+            f"{_baseline_cell(r)} | {_answers_cell(r)} |"
         )
     return "\n".join(rows)
+
+
+def _baseline_cell(r: dict) -> str:
+    """``0.520 majority`` or ``12.345 copy-last`` (empty when the task has neither)."""
+    for key, what in (("majority", "majority"), ("copy_last_psnr", "copy-last")):
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            return f"{v:.3f} {what}"
+    return ""
+
+
+ANSWERS_SHOWN = 4  # answers listed in a table cell (the JSON has them all)
+
+
+def _answers_cell(r: dict) -> str:
+    """``one 26, zero 24`` (most frequent first), ``...`` and the count beyond ANSWERS_SHOWN."""
+    answers = r.get("answers") or []
+    cell = ", ".join(f"{md_text(a, 40)} {n}" for a, n in answers[:ANSWERS_SHOWN])
+    more = len(answers) - ANSWERS_SHOWN
+    return cell + (f", ... ({len(answers)} answers)" if more > 0 else "")
 
 
 def _skipped_cell(r: dict) -> str:
@@ -163,9 +194,29 @@ REPORT_SKIPPED = 50  # skipped samples listed in report.md
 
 
 def write_report(results: dict, directory: Path) -> Path:
-    """report.md with the summary table and example images (input | predicted | true)."""
+    """report.md with the summary table and labelled example images, written into a fresh
+    folder that then replaces ``directory`` whole (no stale example survives). A non-empty
+    ``directory`` without a report.md is not a report folder: ValueError, nothing touched."""
+    directory = Path(directory)
+    if directory.exists() and not (directory / "report.md").is_file() and any(directory.iterdir()):
+        raise ValueError(f"{directory}: not an evaluation report folder; refusing to replace it")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_report_files(results, tmp)
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory / "report.md"
+
+
+def _write_report_files(results: dict, directory: Path) -> None:
     ex_dir = directory / "examples"
-    ex_dir.mkdir(parents=True, exist_ok=True)
+    ex_dir.mkdir(parents=True)
     lines = [
         f"# Evaluation of {md_text(results.get('checkpoint', '?'), 500)} "
         f"(step {results.get('step', '?')})",
@@ -175,6 +226,10 @@ def write_report(results: dict, directory: Path) -> Path:
         f"render hash {md_text(results['render_hash'])}.",
         "",
         summary_table(results),
+        "",
+        "chance: a uniform guess among the task's answers; baseline: always the most frequent "
+        "answer of the evaluated samples (majority), or every predicted frame a copy of the "
+        "last input frame (copy-last, PSNR dB).",
         "",
     ]
     listed = results.get("skipped_samples", [])
@@ -193,35 +248,142 @@ def write_report(results: dict, directory: Path) -> Path:
         if len(listed) > REPORT_SKIPPED or results.get("skipped_total", 0) > len(listed):
             lines.append(f"| ... | | | the results JSON lists up to {len(listed)} |")
         lines.append("")
-    lines += ["## Examples (rows: input | predicted | true)", ""]
+    lines += ["## Examples (rows: input | predicted, read back | true)", ""]
     for task, clips in results.get("_examples", {}).items():
-        for i, (prompt, pred, true) in enumerate(clips):
+        for i, (prompt, pred, true, rec) in enumerate(clips):
             name = f"{safe_name(task)}_{i}.png"
-            Image.fromarray(example_sheet(prompt, pred, true)).save(ex_dir / name)
+            Image.fromarray(example_sheet(task, prompt, pred, true, rec)).save(ex_dir / name)
             lines.append(f"**{md_text(task)}** {i}: ![{md_text(task)} {i}](examples/{name})")
             lines.append("")
-    path = directory / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
+    (directory / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def example_sheet(prompt, pred, true) -> np.ndarray:
-    """Three rows of frames: the prompt, the generated frames, the true frames."""
-    cols = max(len(prompt), len(pred), len(true), 1)
-    rows = [contact_sheet(np.asarray(x), columns=cols) for x in (prompt, pred, true)]
-    width = max(r.shape[1] for r in rows)
-    padded = [np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0))) for r in rows]
-    return np.concatenate(padded)
+def example_sheet(task: str, prompt, pred, true, rec: dict | None = None) -> np.ndarray:
+    """One example as a labelled sheet: the task name, then the prompt, the generated frames
+    (with what was read back from them) and the true frames, each row labelled."""
+    rec = rec or {}
+    return labelled_sheet(
+        f"task: {task}" + (f"   key {rec['key']}" if "key" in rec else ""),
+        [
+            ("input", prompt),
+            ("predicted" + _readback_text(rec), pred),
+            ("true" + (f": {_show(rec['true'])}" if "true" in rec else ""), true),
+        ],
+    )
+
+
+def _readback_text(rec: dict) -> str:
+    """What the reader made of the generated frames, for a row label."""
+    if "pred" in rec:
+        verdict = " (right)" if rec.get("pred") == rec.get("true") else " (wrong)"
+        return f", read back: {_show(rec['pred'])}{verdict}"
+    for key, fmt in (
+        ("psnr_per_frame", "PSNR {:.1f} dB"),
+        ("iou", "IoU {:.2f}"),
+        ("colorfulness", "colourfulness {:.1f}"),
+    ):
+        v = rec.get(key)
+        v = _mean(v) if isinstance(v, list) else v
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            text = ", " + fmt.format(v)
+            base = _mean(rec.get("copy_last_psnr_per_frame") or [])
+            if key == "psnr_per_frame" and math.isfinite(base):
+                text += f" (copy-last {base:.1f})"
+            return text
+    return ""
+
+
+def _mean(xs) -> float:
+    vals = [min(float(x), 100.0) for x in xs if isinstance(x, (int, float))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _show(v) -> str:
+    from evav.eval.samples import one_line
+
+    return one_line(repr(v) if isinstance(v, str) else str(v), 100)
+
+
+LABEL_PX = 14  # font size of the labels on example sheets
+MIN_FRAME_PX = (
+    192  # frames are upscaled (nearest) to at least this height, when integer scaling allows
+)
+
+
+def labelled_sheet(title: str, rows: list[tuple[str, np.ndarray]], scale: int | None = None):
+    """A title, then one block per row: its label on a line, its frames side by side, upscaled
+    by ``scale`` (default: enough for 64 px frames to read, ``MIN_FRAME_PX``) with nearest
+    neighbour, so pixels stay pixels. Returns ``(H, W, 3)`` uint8."""
+    frames = [np.asarray(f) for _, f in rows]
+    h = max((f.shape[1] for f in frames if len(f)), default=64)
+    scale = scale or max(1, MIN_FRAME_PX // h)
+    cols = max(max(len(f) for f in frames), 1)
+    blocks = []
+    for f in frames:
+        sheet = contact_sheet(f, columns=cols) if len(f) else np.zeros((h, h, 3), np.uint8)
+        blocks.append(sheet.repeat(scale, 0).repeat(scale, 1))
+    font = ImageFont.truetype(str(BUNDLED_FONT), LABEL_PX)
+    line = LABEL_PX + 8
+    width = max(max(b.shape[1] for b in blocks), 480)
+    height = line + sum(line + b.shape[0] + 6 for b in blocks)
+    img = Image.new("RGB", (width, height), (24, 24, 24))
+    draw = ImageDraw.Draw(img)
+    chars = width // (LABEL_PX * 6 // 10)  # a monospace glyph is about 0.6 em wide
+    fit = lambda t: t if len(t) <= chars else t[: chars - 3] + "..."  # noqa: E731
+    draw.text((4, 3), fit(_printable(title)), fill=(255, 255, 0), font=font)
+    y = line
+    for (label, _), b in zip(rows, blocks):
+        draw.text((4, y + 3), fit(_printable(label)), fill=(200, 200, 200), font=font)
+        img.paste(Image.fromarray(b), (0, y + line))
+        y += line + b.shape[0] + 6
+    return np.asarray(img)
+
+
+def _printable(s: str) -> str:
+    from evav.eval.samples import one_line
+
+    return one_line(s, 500)
+
+
+def predictions_sheet(examples: Path, out: Path) -> Path:
+    """The first example image of every task (``*_0.png`` of a report's examples folder, each
+    already labelled by ``example_sheet``) stacked into one PNG."""
+    files = sorted(Path(examples).glob("*_0.png")) or sorted(Path(examples).glob("*.png"))
+    if not files:
+        raise FileNotFoundError(f"{examples}: the eval report has no example images")
+    tiles = [Image.open(f).convert("RGB") for f in files]
+    gap = 6
+    sheet = Image.new(
+        "RGB", (max(t.width for t in tiles), sum(t.height + gap for t in tiles)), (16, 16, 16)
+    )
+    y = 0
+    for t in tiles:
+        sheet.paste(t, (0, y))
+        y += t.height + gap
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def dataset_name(dirs: list[str]) -> str:
+    """The name evaluations of ``dirs`` are filed under: each data folder's name (its last path
+    component, also for a URL), ``+``-joined, made a safe file-name component."""
+    return safe_name("+".join(str(d).rstrip("/").rsplit("/", 1)[-1] for d in dirs))
+
+
+def results_path(run_dir: Path, dataset: str, split: str, step: int) -> Path:
+    """``RUN/eval/DATASET/SPLIT/step_NNNNNNNN.json``."""
+    return Path(run_dir) / "eval" / dataset / safe_name(split) / f"step_{step:08d}.json"
 
 
 def scalar_metrics(results: dict) -> dict[str, float]:
+    """``eval/DATASET/SPLIT/TASK/METRIC`` -> value, for every finite number of every task."""
+    prefix = f"eval/{results['dataset']}/{safe_name(results['split'])}"
     out = {}
     for task, r in results["tasks"].items():
         for k, v in r.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                out[f"eval/{safe_name(task)}/{k}"] = float(v)
+                out[f"{prefix}/{safe_name(task)}/{k}"] = float(v)
     return out
 
 
@@ -262,13 +424,16 @@ def log_mlflow(
             tags=[
                 RunTag("eval.step", str(step)),
                 RunTag("eval.render_hash", results["render_hash"]),
+                RunTag("eval.dataset", results["dataset"]),
+                RunTag("eval.split", results["split"]),
             ],
         )
+        where = f"eval/{results['dataset']}/{safe_name(results['split'])}/step_{step:08d}"
         for f in files:
             if f.is_dir():
-                client.log_artifacts(run_id, str(f), f"eval/step_{step:08d}/{f.name}")
+                client.log_artifacts(run_id, str(f), f"{where}/{f.name}")
             else:
-                client.log_artifact(run_id, str(f), f"eval/step_{step:08d}")
+                client.log_artifact(run_id, str(f), where)
         return run_id
     except Exception as e:  # noqa: BLE001 - the JSON file is the record; MLflow is best effort
         log.warning(

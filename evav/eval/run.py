@@ -31,7 +31,13 @@ from evav import distributed as dist
 from evav.config import from_dict
 from evav.data.clips import BadSample
 from evav.eval.load import Loaded
-from evav.eval.readers import Reader, chance_level, make_reader, prompt_length
+from evav.eval.readers import (
+    Reader,
+    chance_level,
+    majority_baseline,
+    make_reader,
+    prompt_length,
+)
 from evav.eval.samples import (
     ClipReader,
     EvalData,
@@ -51,7 +57,7 @@ log = logging.getLogger("evav.eval")
 class EvalOptions:
     batch_size: int = 32
     max_video_frames: int = 8  # frames predicted for pretraining clips (no answer segment)
-    examples_per_task: int = 2  # clips kept for the report (input | predicted | true)
+    examples_per_task: int = 2  # clips kept for the report (input | predicted | true, record)
     allow_render_mismatch: bool = False
     progress: bool = True
 
@@ -232,8 +238,13 @@ def _run_batch(
             except Exception as e:  # noqa: BLE001 - metadata the reader cannot use (boxes, ...)
                 out[j] = {"skipped": s.skipped("readout", problem(e)[1]).to_dict()}
                 continue
+            try:
+                rec.update(reader.baseline(prompts[k], truths[k], s))
+            except Exception as e:  # noqa: BLE001 - as for read: this sample's metadata
+                out[j] = {"skipped": s.skipped("readout", problem(e)[1]).to_dict()}
+                continue
             out[j] = {"key": s.key, "task": s.task, **rec}
-            examples.append((index[j], s.task, (prompts[k], gen_u8[k], truths[k])))
+            examples.append((index[j], s.task, (prompts[k], gen_u8[k], truths[k], out[j])))
     return out, examples
 
 
@@ -265,6 +276,7 @@ def _score(records: list[tuple[int, dict]], data: EvalData, readers: dict[str, R
             "skipped_total": sum(reasons.values()),
             "chance": chance_level(reader) if reader is not None else None,
             **metrics,
+            **majority_baseline(ok),
         }
         if undefined:  # metrics with no finite value are null in the JSON, and listed here
             tasks[task]["undefined"] = undefined

@@ -26,17 +26,21 @@ message), counted per reason in the results and logged, rate-limited. The reason
 | task_reader | belongs to a task whose answers cannot be read (evav.eval.run) |
 | readout | made its task's reader fail on the generated frames (evav.eval.run) |
 
-The first ten are the training loader's (``evav.data.clips.REASONS``, ``BadSample.kind``); the
-last three are evaluation's own.
+The first ten are the training loader's (``evav.data.clips.REASONS``, ``BadSample.kind``; its
+``too_long`` is training's crop, which evaluation never makes); the last three are evaluation's
+own.
 
-With ``limit``, a bad sample counts toward its task's limit like a good one (it was tried); a
-sample whose task is unknown (unreadable metadata, a truncated shard) is always reported.
+With ``limit``, each task gets a stratified random sample (``stratified``, seeded): every
+answer class in proportion, a bad sample whose task is known counting like a good one (it was
+tried); a sample whose task is unknown (unreadable metadata, a truncated shard) is always
+reported.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,8 +141,11 @@ def no_samples_error(dirs: list[str], split: str, skipped: list[Skipped]) -> NoS
     )
 
 
-def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> EvalData:
-    """Index ``split`` of every dataset; ``limit``: evaluate at most that many samples per task.
+def load_eval_data(
+    dirs: list[str], split: str, limit: int | None = None, seed: int = 0
+) -> EvalData:
+    """Index ``split`` of every dataset; ``limit``: evaluate at most that many samples per task,
+    a stratified sample (``stratified``) drawn with ``seed``.
 
     Candidate answers and vocabularies always come from the whole split, so a limited run reads
     answers out of the same candidate set as a full one. Unusable samples go to ``skipped``;
@@ -146,16 +153,8 @@ def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> Eva
     """
     manifests: dict[str, Manifest] = {}
     population: list[EvalSample] = []
-    samples: list[EvalSample] = []
-    skipped: list[Skipped] = []
-    tried: dict[str, int] = defaultdict(int)  # per task, good and bad samples so far
-
-    def take(task: str | None) -> bool:
-        if task is None:
-            return True
-        tried[task] += 1
-        return limit is None or tried[task] <= limit
-
+    tried: list[EvalSample | Skipped] = []  # every sample of the split, in split order
+    unattributed: list[Skipped] = []  # bad samples whose task is unknown: always reported
     reader = ShardReader()
     try:
         for d in dirs:
@@ -175,13 +174,12 @@ def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> Eva
                 idx = reader.index(path)
                 for i in range(len(idx.keys)):
                     got = _index_sample(reader, d, path, i, m.render_hash)
-                    if isinstance(got, Skipped):
-                        if take(got.task):
-                            skipped.append(got)
-                        continue
-                    population.append(got)
-                    if take(got.task):
-                        samples.append(got)
+                    if isinstance(got, EvalSample):
+                        population.append(got)
+                    if isinstance(got, Skipped) and got.task is None:
+                        unattributed.append(got)
+                    else:
+                        tried.append(got)
                 # samples the manifest lists but the tar does not hold (cut short, corrupt)
                 why = one_line(
                     idx.error
@@ -189,12 +187,64 @@ def load_eval_data(dirs: list[str], split: str, limit: int | None = None) -> Eva
                 )
                 reason = "read_error" if idx.unreadable else "missing_sample"
                 for i in range(len(idx.keys), info.samples):
-                    skipped.append(Skipped(d, f"{path} sample #{i}", None, reason, why))
+                    unattributed.append(Skipped(d, f"{path} sample #{i}", None, reason, why))
     finally:
         reader.close()
+    chosen = stratified(tried, limit, seed) if limit is not None else tried
+    samples = [x for x in chosen if isinstance(x, EvalSample)]
+    skipped = [x for x in chosen if isinstance(x, Skipped)] + unattributed
     if not samples:
         raise no_samples_error(dirs, split, skipped)
     return EvalData(split, manifests, samples, skipped, population)
+
+
+def answer_class(x: EvalSample | Skipped) -> str | None:
+    """The stratum of a sample for ``stratified``: its answer (None: no answer, or bad)."""
+    if isinstance(x, Skipped):
+        return None
+    answer = x.meta.get("answer")
+    return str(answer) if answer else None
+
+
+def stratified(items: list, limit: int, seed: int = 0) -> list:
+    """At most ``limit`` items per task, every answer class in proportion to its share of the
+    task's items (largest remainders; each class at least once when ``limit`` allows), chosen
+    at random with ``seed`` (the same items for the same seed), returned in their given order.
+
+    A bad sample whose task is known is its own class: it was tried like a good one.
+    """
+    if limit < 1:
+        raise ValueError(f"--limit must be >= 1, not {limit}")
+    by_task: dict[str, dict[str | None, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, x in enumerate(items):
+        by_task[x.task][answer_class(x)].append(i)
+    keep: list[int] = []
+    for task, classes in sorted(by_task.items()):
+        counts = {c: len(v) for c, v in classes.items()}
+        rng = random.Random(f"{seed}:{task}")
+        for c, n in allocate(counts, limit).items():
+            keep += rng.sample(classes[c], n)
+    return [items[i] for i in sorted(keep)]
+
+
+def allocate(counts: dict, k: int) -> dict:
+    """``k`` draws shared among classes in proportion to ``counts`` (largest remainders, ties by
+    class name), each class at least one when ``k`` is at least the number of classes."""
+    n = sum(counts.values())
+    if k >= n:
+        return dict(counts)
+    exact = {c: k * m / n for c, m in counts.items()}
+    got = {c: int(e) for c, e in exact.items()}
+    if k >= len(counts):
+        got = {c: max(1, g) for c, g in got.items()}
+    key = lambda c: str(c)  # noqa: E731 - None (no answer) sorts as "None", stably
+    while sum(got.values()) > k:  # the minimum of one took too many: from the most over
+        c = min((c for c in got if got[c] > 1), key=lambda c: (exact[c] - got[c], key(c)))
+        got[c] -= 1
+    while sum(got.values()) < k:
+        c = min((c for c in got if got[c] < counts[c]), key=lambda c: (got[c] - exact[c], key(c)))
+        got[c] += 1
+    return got
 
 
 def _index_sample(
