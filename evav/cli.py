@@ -6,6 +6,8 @@
     evav eval CHECKPOINT --data DIR[,DIR...] [--out results.json]
     evav generate CHECKPOINT --input TEXT_OR_FILE --out clip.gif
     evav submit CONFIG.yaml [key=value ...] --run-dir RUN [--nodes N]
+    evav export RUN_OR_CHECKPOINT --out DIR [--force]
+    evav status RUN [--json]
 
 Subcommand modules are imported only when used, so `evav --help` stays fast.
 """
@@ -61,6 +63,18 @@ COMMANDS = {
         "add_generate_arguments",
         "generate_main",
         "generate the frames that follow an input (text, or an image/audio/video file)",
+    ),
+    "export": (
+        "evav.export",
+        "add_arguments",
+        "main",
+        "export a checkpoint as one self-describing folder (fp32 weights, config, model card)",
+    ),
+    "status": (
+        "evav.status",
+        "add_arguments",
+        "main",
+        "where a run stands: step, ETA, speed, checkpoint, eval results, MLflow, running or not",
     ),
     "submit": (
         "evav.launch",

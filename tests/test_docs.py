@@ -45,7 +45,7 @@ RUN: dict[str, str] = {
     r"^\.venv/bin/evav model-info$": "",
     r"^\.venv/bin/evav submit ": "--dry-run",
     r"^\.venv/bin/evav eval ": "--limit 2 --no-mlflow",  # MLflow: tests/test_demo.py
-    r"^\.venv/bin/python tools/export\.py ": "",
+    r"^\.venv/bin/evav export ": "",
     r"^\.venv/bin/evav generate ": "",
     r"^\.venv/bin/evav tokenizer train ": "--vocab-size 300",
     r"^\.venv/bin/python tools/config_reference\.py$": "--out docs_config_check.md",

@@ -1,20 +1,28 @@
 """Model init and export on real DeepSpeed engines (1 and 2 gloo processes, ZeRO 0-3, fp32 and
 bf16): ``evav.distributed.build_model`` gives every rank the same initial weights before any
-DeepSpeed broadcast, builds ZeRO-3 parameters partitioned (``zero.Init``), and
-``tools/export.py`` writes exactly the fp32 master weights the optimizer held at save time.
+DeepSpeed broadcast, builds ZeRO-3 parameters partitioned (``zero.Init``), and ``evav export``
+(evav/export.py) writes exactly the fp32 master weights the optimizer held at save time.
 
 One worker run per world size (``python -m torch.distributed.run ... -m tests.test_export``)
 goes through every stage and precision: build, two training steps through the real loss
 (MS-SSIM included), an evav checkpoint, the fp32 masters read from the live engine, then a
 resume into a fresh engine and one more step on both.
+
+The export folder itself (``finished_run``: a debug model trained 4 steps at ZeRO 2 on
+synthetic shards, then evaluated): self-describing (weights, config, render spec, model card),
+mode 0644, never visible half written, and loaded by ``evav eval``, ``evav generate`` and
+``load_checkpoint`` after the run directory is gone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -215,7 +223,7 @@ def trained(request, tmp_path_factory):
 def test_export_writes_the_fp32_master_weights_exactly(trained, stage, precision, tmp_path):
     from safetensors.torch import load_file
 
-    from tools.export import export
+    from evav.export import export
 
     world, out, report = trained
     name = _name(stage, precision)
@@ -293,6 +301,174 @@ def test_zero0_bf16_flat_fp32_groups_give_the_same_weights(trained, tmp_path):
     want = torch.load(out / "z0-bf16.masters.pt", weights_only=True)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# -- the export folder -------------------------------------------------------------------------
+
+PER_TASK = 6  # evaluated samples per task
+EXPORT_FILES = {"model.safetensors", "config.yaml", "render_spec.yaml", "export.json", "README.md"}
+
+
+def evav(*args, check=True, **kw):
+    done = subprocess.run(
+        [sys.executable, "-m", "evav.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **kw,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A debug model trained 4 steps (ZeRO 2, MLflow in the embedded SQLite store), then
+    evaluated: (root, shards, run, results path). Shared with tests/test_status.py."""
+    root = tmp_path_factory.mktemp("finished")
+    shards = root / "synthetic"
+    evav("preprocess", "synthetic", "--out", shards, "train_per_task=24", "val_per_task=8")
+    run = root / "run"
+    evav(
+        "train",
+        "configs/debug.yaml",
+        f"data.train=[{shards}]",
+        f"run_dir={run}",
+        "steps=4",
+        "micro_batch=4",
+        "log_every=1",
+        "val_every=0",
+        "ckpt_every=2",
+        "engine.zero_stage=2",
+    )
+    evav("eval", run, "--data", shards, "--limit", PER_TASK, "--no-report", "--quiet")
+    (results,) = [p for p in (run / "eval").rglob("step_00000004.json")]
+    return root, shards, run, results
+
+
+def test_export_is_self_describing_and_loads_without_the_run(finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from evav.eval.load import load_checkpoint
+    from evav.manifest import load_manifest
+
+    root, shards, run, results_path = finished_run
+    copy = tmp_path / "copy" / "run"  # exported from a copy, which is then deleted
+    shutil.copytree(run, copy)
+    exp = tmp_path / "exports" / "tiny"
+    done = evav("export", copy, "--out", exp)
+    assert f"{exp}: step 4, " in done.stdout and "preset debug" in done.stdout
+    assert {p.name for p in exp.iterdir()} == EXPORT_FILES
+    assert [p.name for p in exp.parent.iterdir()] == ["tiny"]  # no temporary folder left
+    assert stat.S_IMODE(exp.stat().st_mode) == 0o755
+    for p in exp.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name
+
+    meta = json.loads((exp / "export.json").read_text())
+    weights = load_file(str(exp / "model.safetensors"))
+    params = sum(v.numel() for v in weights.values())
+    manifest = load_manifest(shards)
+    counts = {split: s.samples for split, s in manifest.splits.items()}
+    results = json.loads(results_path.read_text())
+    assert meta["step"] == 4 and meta["steps_configured"] == 4 and meta["preset"] == "debug"
+    assert meta["parameters"] == params and meta["samples_trained"] == 4 * 4
+    assert meta["source"] == str(copy / "checkpoints" / "step_00000004")
+    assert meta["mlflow_run_id"] == (run / "mlflow_run_id").read_text().strip()
+    assert meta["data"] == [
+        {"dir": str(shards), "builder": "synthetic", "render_hash": meta["render_hash"]}
+        | {"samples": counts}
+    ]
+    (ev,) = meta["eval"]
+    assert ev["step"] == 4 and ev["split"] == results["split"]
+    assert ev["tasks"]["count"]["value"] == results["tasks"]["count"]["accuracy"]
+    assert ev["tasks"]["next"]["value"] == results["tasks"]["next"]["psnr"]
+
+    card = (exp / "README.md").read_text()
+    for text in [
+        "preset `debug`",
+        f"| parameters | {params:,} |",
+        "| trained | 4 of 4 configured steps (16 samples,",
+        f"| `{shards}` | synthetic | train {counts['train']}, val {counts['val']} |",
+        f"`{copy / 'checkpoints' / 'step_00000004'}`",
+        f"| count | classification | {PER_TASK} | accuracy | "
+        f"{results['tasks']['count']['accuracy']:.4f} |",
+        "from evav.eval.load import load_checkpoint",
+        "evav eval tiny --data",
+    ]:
+        assert text in card, text
+
+    shutil.rmtree(copy.parent)  # the run is gone: the export stands alone
+    loaded = load_checkpoint(exp)
+    assert loaded.step == 4 and loaded.path == exp
+    got = loaded.model.state_dict()
+    assert all(torch.equal(got[k], weights[k]) for k in weights)
+    common = ["--data", shards, "--limit", PER_TASK, "--no-mlflow", "--no-report", "--quiet"]
+    evav("eval", exp, "--out", tmp_path / "e.json", *common)
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["tasks"] == results["tasks"] and e["predictions"] == results["predictions"]
+    # generate from the export: 5 prompt frames ("add" task, 3 words, separator) + 1 answer,
+    # rendered with the export's render_spec.yaml
+    gen = evav(
+        "generate", exp, "--task", "add", "--input", "two plus two", "--out", tmp_path / "g.png"
+    )
+    assert "5 prompt frames + 1 generated" in gen.stdout and (tmp_path / "g.png").is_file()
+
+
+def test_export_over_an_export_needs_force_and_is_never_half_visible(finished_run, tmp_path):
+    _, _, run, _ = finished_run
+    exp = tmp_path / "export"
+    evav("export", run / "checkpoints" / "step_00000002", "--out", exp)
+    assert json.loads((exp / "export.json").read_text())["step"] == 2
+    before = (exp / "model.safetensors").read_bytes()
+    again = evav("export", run, "--out", exp, check=False)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.stderr.count("\n") == 1, again.stderr  # one line, no traceback
+    assert (exp / "model.safetensors").read_bytes() == before
+
+    # replaced with --force while another thread keeps looking: every listing it sees is a
+    # whole export (the old one or the new one), never a part of one
+    seen, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                seen.append(frozenset(p.name for p in exp.iterdir()))
+            except FileNotFoundError:
+                seen.append(None)  # between the two renames
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        evav("export", run, "--out", exp, "--force")
+    finally:
+        stop.set()
+        watcher.join()
+    assert len(seen) > 10 and {s for s in seen if s is not None} == {frozenset(EXPORT_FILES)}
+    assert json.loads((exp / "export.json").read_text())["step"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_errors_are_one_line(finished_run, tmp_path):
+    _, _, run, _ = finished_run
+    missing = evav("export", tmp_path / "nope", "--out", tmp_path / "x", check=False)
+    assert missing.returncode == 2 and "no such file or directory" in missing.stderr
+    assert missing.stderr.startswith("evav export: error: ") and "Traceback" not in missing.stderr
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    bad = evav("export", plain, "--out", tmp_path / "x", check=False)
+    assert bad.returncode == 2 and "not a run directory, a checkpoint" in bad.stderr
+    assert not (tmp_path / "x").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+    # the old entry point still works, and says the same
+    old = subprocess.run(
+        [sys.executable, "tools/export.py", str(run), "--out", str(tmp_path / "old")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert old.returncode == 0, old.stderr[-2000:]
+    assert {p.name for p in (tmp_path / "old").iterdir()} == EXPORT_FILES
 
 
 if __name__ == "__main__":
