@@ -88,6 +88,7 @@ RULES: dict[str, tuple[str, str]] = {
     "data.weights": (REFUSED, "the data mix: what the run learns from here on"),
     "data.mix_by": (REFUSED, "the data mix: what the run learns from here on"),
     "data.clip_frames": (REFUSED, "what each sample is: its crop and the loss's context"),
+    "data.crop": (REFUSED, "what each long sample is: which of its frames are kept"),
     "data.pad_to": (
         APPLIED,
         "padding is masked out of the loss; packed clips attend only within themselves",

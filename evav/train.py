@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import random
 import resource
 import sys
@@ -40,11 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evav import checkpoint, faults, resume, runlock
+from evav import checkpoint, faults, plan, resume, runlock, threads
 from evav import distributed as dist
 from evav.config import ConfigError, dump_yaml, load_config
 from evav.data import DataConfig, Loader
 from evav.data.catalog import read_catalog
+from evav.data.clips import check_decoder
 from evav.data.remote import is_url
 from evav.distributed import EngineConfig, OptimConfig
 from evav.frames.write import contact_sheet
@@ -122,8 +124,10 @@ def _train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     with contextlib.ExitStack() as stack:
         # -- distributed and logging ------------------------------------------------------
+        threads_set = threads.configure(cfg.data.num_workers)  # before any thread pool starts
         denv = dist.init(cfg.engine)
         _setup_logging(denv.rank)
+        log.info("CPU threads per rank: %s", threads_set)
         # one trainer per run dir: rank 0 locks RUN/.lock before anything is written there
         stack.enter_context(runlock.hold(run_dir, denv.is_main))
         preempt = Preemption()
@@ -138,7 +142,7 @@ def _train(cfg: TrainConfig) -> dict:
         # -- data ------------------------------------------------------------------------
         # manifests and shard indexes read once, by rank 0, for every rank and loader worker
         splits = ["train"] + ([cfg.data.val_split] if cfg.val_every else [])
-        catalog = dist.from_main(lambda: read_catalog(cfg.data.train, splits))
+        catalog = dist.from_main(lambda: _user_error(read_catalog, cfg.data.train, splits))
         log.info("catalog: %s on rank 0", catalog.summary())
         loader = Loader(
             cfg.data,
@@ -150,7 +154,16 @@ def _train(cfg: TrainConfig) -> dict:
             catalog=catalog,
         )
         val_loader = None
-        if cfg.val_every and loader.has_split("val"):
+        lacking = plan.without_val(cfg, loader.manifests)
+        if cfg.val_every and lacking:
+            log.warning(
+                "validation is off: val_every=%d but %s ha%s no clips in a %r split",
+                cfg.val_every,
+                ", ".join(lacking),
+                "s" if len(lacking) == 1 else "ve",
+                cfg.data.val_split,
+            )
+        elif cfg.val_every:
             val_loader = Loader(
                 cfg.data,
                 split="val",
@@ -175,20 +188,20 @@ def _train(cfg: TrainConfig) -> dict:
         last, saved = checkpoint.find_resume(run_dir, denv)
         if last is not None:  # every change logged; a refused one stops here (exit status 2)
             # another world size keeps the global batch: engine.grad_accum_steps adapts to it
-            plan = resume.plan_batch(saved, cfg, denv.world_size, last)
-            changes = resume.compare(saved, state, cfg, last, plan) if denv.is_main else None
+            batch_plan = resume.plan_batch(saved, cfg, denv.world_size, last)
+            changes = resume.compare(saved, state, cfg, last, batch_plan) if denv.is_main else None
             resume.enforce(dist.broadcast_object(changes), last, show=denv.is_main)
-            resume.apply_batch(plan, cfg, state, show=denv.is_main)  # before the engine is built
+            # before the engine is built
+            resume.apply_batch(batch_plan, cfg, state, show=denv.is_main)
+        # the dry run's checks and report, with the batch as resumed (read on rank 0; a mistake
+        # stops every rank, one line each)
+        report = dist.from_main(lambda: _user_error(plan.describe, cfg, denv.world_size, catalog))
+        log.info("start-up summary:\n%s", report)
         if denv.is_main:  # only now: a refused resume leaves the run's config.yaml as it was
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_yaml)
 
-        # -- model and engine -----------------------------------------------------------
-        if (cfg.model.height, cfg.model.width) != tuple(loader.frame_size):
-            raise ValueError(
-                f"model.height/width {cfg.model.height}x{cfg.model.width} do not match "
-                f"the data's frames {loader.frame_size[0]}x{loader.frame_size[1]}"
-            )
+        # -- model and engine (the frame size was checked against the data by plan.describe) --
         model = dist.build_model(  # the same weights on every rank; ZeRO-3: partitioned
             lambda: build_model(cfg.model),
             cfg.engine,
@@ -230,6 +243,14 @@ def _train(cfg: TrainConfig) -> dict:
             _set_rng(saved.rng[denv.rank] if saved.world_size == denv.world_size else None)
             log.info("resumed from %s at step %d", last, state.step)
             log.info("optimizer after resume: %s", dist.describe_optimizer(engine))
+            if state.step >= cfg.steps:
+                log.warning(
+                    "this run is finished already: its checkpoint %s is at step %d of steps=%d; "
+                    "nothing to train (give a larger steps= to train on)",
+                    last,
+                    state.step,
+                    cfg.steps,
+                )
         metrics = None
         if denv.is_main:
             metrics = MetricsLogger(
@@ -237,8 +258,16 @@ def _train(cfg: TrainConfig) -> dict:
             )
             stack.push(_end_mlflow_run(metrics))  # FINISHED, or FAILED on an exception
             metrics.set_tags(
-                {"render_hash": loader.render_hash, "world_size": str(denv.world_size)}
+                {"render_hash": loader.render_hash}
+                | plan.summary_tags(cfg, plan.model_params(cfg), denv.world_size)
             )
+            if cfg.metrics.enabled:
+                log.info(
+                    "MLflow: %s, experiment %s, run %s",
+                    metrics.shown_uri,
+                    cfg.metrics.experiment,
+                    metrics.run_id or "(a new one: its id is in RUN/mlflow_run_id once created)",
+                )
             metrics.log_artifact(run_dir / "config.yaml", "config")
 
         # -- loop ------------------------------------------------------------------------
@@ -248,6 +277,7 @@ def _train(cfg: TrainConfig) -> dict:
         batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
         step, attempt = state.step, 0
+        first_step, t_start = step, time.perf_counter()
         waited_s = _wait_for_data(batches, step, cfg)
         if step < cfg.steps and dist.host_any(preempt.requested):
             # preempted before this process trained a step: its resume point is unchanged
@@ -340,7 +370,40 @@ def _train(cfg: TrainConfig) -> dict:
             if stop:  # the checkpoint is committed
                 return _stop_preempted(step, preempt, metrics, denv)
         dist.barrier()  # every rank done with its collectives before any leaves
+        if denv.is_main:
+            seconds = time.perf_counter() - t_start
+            log.info(_end_summary(state, first_step, seconds, run_dir, window.last_loss))
         return {"step": step, "preempted": False, "last_loss": window.last_loss}
+
+
+def _user_error(fn, *args):
+    """``fn(*args)``, a data or config mistake (a missing dataset, a bad manifest, frames that do
+    not fit the model) raised as ConfigError: one line and exit status 2 on every rank, never a
+    traceback."""
+    try:
+        return fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(str(e)) from None
+
+
+def _end_summary(state: TrainState, first_step: int, seconds: float, run_dir: Path, loss) -> str:
+    done = state.step - first_step
+    good = checkpoint.last_good(run_dir)
+    return (
+        f"finished: step {state.step} ({done} this run, in {_duration(seconds)}"
+        + (f", {seconds / done:.2f} s/step" if done else "")
+        + f"); last train loss {loss:.4f}; {state.samples:,} clips, {state.frames:,} frames "
+        f"since step 0; skipped steps "
+        f"{state.skipped_steps}; last checkpoint {good or 'none'}"
+        + (f"; MLflow run {state.mlflow_run_id}" if state.mlflow_run_id else "")
+    )
+
+
+def _duration(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _wait_for_data(batches, step: int, cfg: TrainConfig) -> float:
@@ -627,9 +690,12 @@ def _fmt(rec: dict) -> str:
 
 def _line(step: int, total: int, r: dict) -> str:
     mfu = f" | mfu {r['speed/mfu']:.1%}" if "speed/mfu" in r else ""
+    eta = _duration(r["speed/step_s"] * (total - step))
+    crop = f" | cropped {r['data/cropped_frac']:.0%}" if r.get("data/cropped_frac") else ""
     return (
-        f"step {step}/{total} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
-        f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s{mfu} | "
+        f"step {step}/{total} | eta {eta} | loss {r['train/loss']:.4f} | lr {r['train/lr']:.2e} | "
+        f"gnorm {r['train/grad_norm']:.3f} | {r['speed/frames_per_s']:,.0f} frames/s "
+        f"{r['speed/tokens_per_s']:,.0f} tokens/s{mfu}{crop} | "
         f"wait {r['data/wait_frac']:.0%} | skipped samples {int(r.get('data/skipped', 0))} "
         f"steps {int(r['train/skipped_steps'])} | "
         f"mem {r['mem/peak_gb']:.2f} GB"
@@ -655,6 +721,18 @@ def _setup_logging(rank: int) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="a training config YAML (e.g. configs/debug.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=200 model.depth=4")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and every dataset, print the model size, FLOPs per step, clip "
+        "lengths against data.clip_frames and a memory estimate per ZeRO stage, and stop "
+        "(seconds; no process group, no DeepSpeed)",
+    )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="with --dry-run: the ranks to plan for (default: $WORLD_SIZE, $SLURM_NTASKS or 1)",
+    )
 
 
 def check(cfg: TrainConfig) -> None:
@@ -684,6 +762,9 @@ def check(cfg: TrainConfig) -> None:
         cfg.model.resolved()
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    why = check_decoder(cfg.data.decoder)
+    if why:
+        raise ConfigError(why)
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give one or more dataset directories")
     for d in cfg.data.train:
@@ -695,5 +776,14 @@ def check(cfg: TrainConfig) -> None:
 def main(args: argparse.Namespace) -> int:
     cfg = load_config(TrainConfig, args.config, list(args.overrides))
     check(cfg)
+    if getattr(args, "dry_run", False):
+        world = args.world_size or int(
+            os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1
+        )
+        if world < 1:
+            raise ConfigError(f"--world-size {world}: must be at least 1")
+        print(_user_error(plan.describe, cfg, world))
+        print("dry run: nothing was trained")
+        return 0
     result = train(cfg)
     return PREEMPTED_EXIT if result["preempted"] else 0

@@ -209,22 +209,31 @@ def test_inspect_reads_the_url_as_it_reads_the_folder(built, tmp_path):
     assert gone.stderr.startswith(f"evav inspect: error: s3://{BUCKET}/absent/manifest.json")
 
 
-def test_train_on_the_url_resume_then_eval_from_the_url(built, tmp_path):
-    """2 ranks, 2 DataLoader workers each, reading only from the store; stopped at step 2 (its
-    checkpoint), resumed to step 4; then `evav eval --data URL` scores it exactly as from the
-    local folder."""
+def test_train_on_the_url_killed_resumed_then_eval_from_the_url(built, tmp_path):
+    """2 ranks, 2 DataLoader workers each, reading only from the store; killed (SIGKILL) while
+    saving step 4, resumed from step 2's checkpoint to step 4 with the same samples (the loss
+    records of steps 3-4 equal the killed run's); then `evav eval --data URL` scores it exactly as
+    from the local folder."""
+    from evav import checkpoint
     from tests.test_train_lockstep import torchrun
 
     local, url, _ = built
     run = tmp_path / "run"
-    common = ["data.num_workers=2", "val_every=0", "ckpt_every=2"]
-    first = torchrun(run, [url], "steps=2", *common)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    common = ["data.num_workers=2", "val_every=0", "ckpt_every=2", "log_every=1"]
+    first = torchrun(run, [url], "steps=4", *common, env={"EVAV_FAULT": "kill_in_save:4"})
+    assert first.returncode != 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [2]
+    killed = {r["step"]: r["train/loss"] for r in read_metrics(run) if "train/loss" in r}
+    assert sorted(killed) == [1, 2, 3, 4]
     again = torchrun(run, [url], "steps=4", *common)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert re.search(r"resumed from \S+ at step 2", again.stdout + again.stderr)
     train = [r for r in read_metrics(run) if "train/loss" in r]
-    assert [r["step"] for r in train] == [1, 2, 3, 4] and train[-1]["data/skipped"] == 0
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 3, 4]
+    assert train[-1]["data/skipped"] == 0
+    for r in train[-2:]:  # the resumed steps saw the samples the killed ones saw
+        assert r["train/loss"] == pytest.approx(killed[r["step"]], rel=1e-5)
+    assert [s for s, _ in checkpoint.complete_checkpoints(run)] == [2, 4]
     args = ["--limit", "1", "--no-mlflow", "--no-report", "--quiet"]
     ok(evav("eval", run, "--data", url, "--out", tmp_path / "url.json", *args))
     ok(evav("eval", run, "--data", local, "--out", tmp_path / "local.json", *args))

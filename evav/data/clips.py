@@ -54,6 +54,7 @@ REASONS = (
     "frame_count",  # decoded frames differ from the metadata's num_frames
     "frame_size",  # decoded frames differ from the dataset's RenderSpec
     "read_error",  # the shard file could not be read (vanished, not a file, not a tar)
+    "too_long",  # its task frame(s) and answer alone are data.clip_frames or more (crop_window)
     "other",  # anything else raised while making the sample
 )
 
@@ -73,6 +74,43 @@ class Sample:
     task: str
     key: str
     answer: str
+    cropped: bool = False  # longer than data.clip_frames: a window was kept (crop_window)
+
+
+def crop_window(
+    meta: SampleMeta, t: int, clip_frames: int, seed: int, key: str, policy: str = "middle"
+) -> list[tuple[int, int]]:
+    """The frames ``[start, stop)`` pieces to keep of a ``t``-frame clip so that it fits in
+    ``clip_frames``: a list of (start, stop) ranges, one piece when nothing is cut.
+
+    A supervised clip (``supervise: outputs``) keeps its task frame(s) and everything after its
+    input (separator, answer) and, of its input, the middle ``clip_frames - task - answer``
+    frames (``policy="middle"``), or is refused (``policy="refuse"``); so is one whose task and
+    answer alone leave no input frame (``BadSample``, kind ``too_long``). A pretraining clip
+    (``supervise: all``) keeps a window chosen from (seed, key): exact on resume, worker-free."""
+    if t <= clip_frames:
+        return [(0, t)]
+    seg = meta.segments
+    if meta.supervise == "all" or not seg.get("output"):
+        start = int(rng(seed, "crop", key).integers(0, t - clip_frames + 1))
+        return [(start, start + clip_frames)]
+    task = seg.get("task", 1)
+    inp = seg.get("input", t - task - seg["output"])
+    tail = t - task - inp  # separator and answer
+    keep = clip_frames - task - tail
+    if policy == "refuse" or keep < 1:
+        why = (
+            "data.crop=refuse"
+            if policy == "refuse" and keep >= 1
+            else f"its task frame(s) and answer alone are {task + tail}"
+        )
+        raise BadSample(
+            f"{t} frames ({task} task, {inp} input, {tail} answer) do not fit in "
+            f"data.clip_frames={clip_frames} ({why})",
+            "too_long",
+        )
+    first = task + (inp - keep) // 2  # the middle of the input
+    return [(0, task), (first, first + keep), (task + inp, t)]
 
 
 def decode(
@@ -168,9 +206,10 @@ def make_sample(
     seed: int,
     backend: str = "pyav",
     render_hash: str | None = None,
+    crop: str = "middle",
 ) -> Sample:
-    """Decode and check one sample; crop it to at most ``clip_frames`` (padding is the batch's:
-    it writes each clip once, into its own buffer)."""
+    """Decode and check one sample; crop it to at most ``clip_frames`` (``crop_window``; padding
+    is the batch's: it writes each clip once, into its own buffer)."""
     meta = checked_meta(members, render_hash)
     frames = decode(members["mp4"], backend, meta.num_frames, frame_hw)
     want = meta.num_frames
@@ -183,12 +222,9 @@ def make_sample(
             f"frame size {frames.shape[1:3]}, dataset renders {tuple(frame_hw)}", "frame_size"
         )
     mask = loss_mask_for(asdict(meta), len(frames))
-    t = len(frames)
-    if t > clip_frames:
-        # A supervised answer sits at the clip's end: keep it. Pretraining clips ("all") get a
-        # window chosen from (seed, key), so the choice is exact on resume and worker-free.
-        start = t - clip_frames
-        if meta.supervise == "all":
-            start = int(rng(seed, "crop", key).integers(0, t - clip_frames + 1))
-        frames, mask = frames[start : start + clip_frames], mask[start : start + clip_frames]
-    return Sample(frames, mask, meta.task, key, meta.answer)
+    pieces = crop_window(meta, len(frames), clip_frames, seed, key, crop)
+    cropped = pieces != [(0, len(frames))]
+    if cropped:
+        keep = np.concatenate([np.arange(a, b) for a, b in pieces])
+        frames, mask = frames[keep], mask[keep]
+    return Sample(frames, mask, meta.task, key, meta.answer, cropped)

@@ -75,7 +75,11 @@ class DataConfig:
     train: list[str] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)  # one per directory; empty: equal
     mix_by: Literal["samples", "frames"] = "samples"  # weights count samples, or frames
-    clip_frames: int = 16  # longer clips are cropped to this many frames
+    clip_frames: int = 16  # longer clips are cropped to this many frames (see crop)
+    # a supervised clip longer than clip_frames: keep its task frame(s) and answer and the middle
+    # of its input (middle), or skip it as too_long (refuse); pretraining clips keep a seeded
+    # window. Counted: data/cropped_frac (of the samples served); evav train --dry-run estimates it
+    crop: Literal["middle", "refuse"] = "middle"
     # batch layout: a clip per row padded to the longest clip, or to clip_frames (one shape);
     # pack: several clips per row of clip_frames frames, first fit by decreasing length (the
     # batch carries ``segment``; temporal attention stays inside a clip): far less padding
@@ -119,6 +123,8 @@ class Loader:
         why = check_decoder(cfg.decoder)  # decord is an optional extra: refused here, once
         if why:
             raise ConfigError(why)
+        if cfg.crop not in ("middle", "refuse"):
+            raise ValueError(f"data.crop must be 'middle' or 'refuse', got {cfg.crop!r}")
         if cfg.pad_to not in ("longest", "clip_frames", "pack"):
             raise ValueError(
                 f"data.pad_to must be 'longest', 'clip_frames' or 'pack', got {cfg.pad_to!r}"
@@ -249,13 +255,19 @@ class Loader:
         last call, mean over ranks) and the realised mix ``data/mix/NAME`` (share of samples, or
         of unpadded frames with ``mix_by=frames``, since the start); ``reduce(tensor, "sum")``
         sums over ranks (every rank sends the same fixed-length vector)."""
-        skipped, served = self._stats["skipped"], self._stats["served"]
-        t = torch.tensor([self._stats["wait_s"], *served, *skipped], dtype=torch.float64)
-        self._stats["wait_s"] = 0.0
+        st = self._stats
+        skipped, served = st["skipped"], st["served"]
+        t = torch.tensor(
+            [st["wait_s"], st["good"], st["cropped"], *served, *skipped], dtype=torch.float64
+        )
+        st["wait_s"] = 0.0
         if reduce is not None:
             t = reduce(t, "sum")
-        wait, served, skipped = t[0], t[1 : 1 + len(served)], t[1 + len(served) :]
+        wait, good, cropped = t[0], t[1], t[2]
+        served, skipped = t[3 : 3 + len(served)], t[3 + len(served) :]
         out = {"data/skipped": float(skipped.sum())}
+        if good > 0:
+            out["data/cropped_frac"] = float(cropped / good)
         out.update({f"data/skipped/{k}": float(n) for k, n in zip(REASONS, skipped) if n > 0})
         out["data/wait_s"] = float(wait) / max(1, self.world)
         if served.sum() > 0:
@@ -279,6 +291,8 @@ class Loader:
         """A batch was handed out: the state moves past it (and past the bad ones before it)."""
         self._state = {"slot": meta["slot"], "counts": list(meta["counts"])}
         self._stats["served"] += np.asarray(meta["served"])
+        self._stats["good"] += meta["good"]
+        self._stats["cropped"] += meta["cropped"]
 
     def placeholder(self) -> dict:
         """One all-padding clip: no frame is a target, so its loss is 0 and its gradient too."""
@@ -299,6 +313,8 @@ def _new_stats(num_datasets: int) -> dict:
         "skipped": np.zeros(len(REASONS), np.int64),  # per kind, in REASONS order
         "wait_s": 0.0,
         "served": np.zeros(num_datasets, np.int64),
+        "good": 0,  # samples served
+        "cropped": 0,  # of them, cropped to data.clip_frames
     }
 
 
@@ -533,6 +549,8 @@ class _Stream(torch.utils.data.IterableDataset):
             "slot": plan.slot,
             "counts": plan.counts,
             "served": np.zeros(len(ld.names), np.int64),
+            "good": 0,
+            "cropped": 0,
             "outcomes": [],  # (dataset, kind, reason) per sample, in order; kind None: good
         }
         samples = []
@@ -545,6 +563,8 @@ class _Stream(torch.utils.data.IterableDataset):
             meta["outcomes"].append((d, *bad) if s is None else (d, None, None))
             if s is not None:
                 samples.append(s)
+                meta["good"] += 1
+                meta["cropped"] += s.cropped
                 meta["served"][d] += len(s.frames) if ld.cfg.mix_by == "frames" else 1
         if ld.cfg.pad_to == "pack":
             return _collate_packed(samples, ld.task_ids, ld.cfg.clip_frames, alloc), meta
@@ -581,6 +601,7 @@ class _Stream(torch.utils.data.IterableDataset):
                 ld.seed,
                 ld.cfg.decoder,
                 ld._render_hashes[d],
+                ld.cfg.crop,
             )
             return sample, None
         except BadSample as e:
