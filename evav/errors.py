@@ -75,3 +75,11 @@ def check_nonempty_file(path: str | Path) -> Path:
     except OSError as e:
         raise BadInputError(path, f"cannot read: {e.strerror or e}") from None
     return path
+
+
+def one_line(s: str, max_len: int = 300) -> str:
+    """A message made safe for a log line or a report: control and other unprintable
+    characters escaped (a newline in a key cannot forge a log line), at most ``max_len``."""
+    s = str(s)
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[: max_len + 1])
+    return out if len(out) <= max_len else out[: max_len - 3] + "..."

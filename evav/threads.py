@@ -3,7 +3,7 @@
 PyTorch starts as many intra-op threads as the machine has cores in every process, so R ranks on
 one node with W loader workers each ask for R x cores threads on cores they share; where other
 work keeps some of those cores busy, OpenMP threads then wait on each other (docs/benchmarks.md,
-threads: the debug config several times slower with one thread per core on a loaded machine).
+threads: up to several times slower with one thread per core on a loaded machine).
 Unless ``OMP_NUM_THREADS`` says otherwise (then it is obeyed as it is), each rank gets its share
 of the cores it may run on, less one per loader worker (a worker decodes with one thread:
 evav.codec) and less the cores that other work keeps busy now: measured over a quarter of a

@@ -49,7 +49,7 @@ from evav.data.catalog import read_catalog
 from evav.data.clips import check_decoder
 from evav.data.remote import is_url
 from evav.distributed import EngineConfig, OptimConfig
-from evav.frames.write import contact_sheet
+from evav.frames.write import labelled_sheet
 from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
 from evav.model import (
     ModelConfig,
@@ -125,8 +125,11 @@ def _train(cfg: TrainConfig) -> dict:
     with contextlib.ExitStack() as stack:
         # -- distributed and logging ------------------------------------------------------
         threads_set = threads.configure(cfg.data.num_workers)  # before any thread pool starts
+        t0 = time.monotonic()
+        _say_starting()
         denv = dist.init(cfg.engine)
         _setup_logging(denv.rank)
+        log.info("process group: %d rank(s), up in %.1f s", denv.world_size, time.monotonic() - t0)
         log.info("CPU threads per rank: %s", threads_set)
         # one trainer per run dir: rank 0 locks RUN/.lock before anything is written there
         stack.enter_context(runlock.hold(run_dir, denv.is_main))
@@ -354,9 +357,7 @@ def _train(cfg: TrainConfig) -> dict:
                     metrics.log(record, step)
                     log.info(_line(step, cfg.steps, record))
             if metrics and every(step, cfg.metrics.image_every):
-                metrics.log_image(
-                    "pred_vs_true", prediction_sheet(pred, frames_BTHWC, batch["pad_mask"]), step
-                )
+                metrics.log_image("pred_vs_true", prediction_sheet(pred, batch, step), step)
             if val_loader is not None and (every(step, cfg.val_every) or step == cfg.steps):
                 record = validate(engine, val_loader, cfg, tasks, device, amp)
                 if metrics:
@@ -535,16 +536,42 @@ def _as_float(x) -> float:
     return float(x.item() if torch.is_tensor(x) else x)
 
 
-def prediction_sheet(
-    pred_BTHWC: torch.Tensor, frames_BTHWC: torch.Tensor, pad_mask_BT: torch.Tensor
-) -> np.ndarray:
-    """A contact sheet of the first clip: true frames 1..T-1 on top, the model's predictions of
-    them below (``pred[:, t]`` predicts frame ``t + 1``); padding frames are left out."""
-    keep = (~pad_mask_BT[0, 1:]).cpu()
-    true = frames_BTHWC[0, 1:].detach().float().cpu()[keep]
-    pred = pred_BTHWC[0, :-1].detach().float().cpu()[keep]
-    rows = torch.cat([true, pred]).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    return contact_sheet(rows, columns=max(1, len(true)))
+def prediction_sheet(pred_BTHWC: torch.Tensor, batch: dict, step: int, row: int = 0) -> np.ndarray:
+    """The first clip of batch row ``row``, labelled (``labelled_sheet``): its true frames
+    2..T above the model's predictions of them (``pred[:, t]`` predicts frame ``t + 1`` from
+    the frames up to ``t``: teacher forcing), with the step, task, sample key and answer; padding
+    and, in a packed row, the row's other clips are left out."""
+    pad = batch["pad_mask"][row].cpu()
+    keep = ~pad[1:]
+    segment, first = batch.get("segment"), row
+    if segment is not None:  # packed: the row's first clip is its segment 0
+        keep &= segment[row, 1:].cpu() == 0
+        first = batch["row_first"][row]
+    true = batch["frames"][row, 1:].float().div(255).cpu()[keep]
+    pred = pred_BTHWC[row, :-1].detach().float().cpu()[keep]
+    as_u8 = lambda x: x.clamp(0, 1).mul(255).round().to(torch.uint8).numpy()  # noqa: E731
+    task, key, answer = (batch[k][first] for k in ("task", "key", "answer"))
+    title = f"step {step} | task {task} | {key}" + (f" | answer {answer!r}" if answer else "")
+    return labelled_sheet(
+        title,
+        [
+            (f"true: frames 2-{len(true) + 1} of the clip", as_u8(true)),
+            ("predicted: each frame from the true frames before it", as_u8(pred)),
+        ],
+    )
+
+
+def _say_starting() -> None:
+    """One line on stderr from the first rank before the process group starts (logging is set
+    up after it): DeepSpeed builds its ops there on a machine's first run, a minute or more of
+    silence otherwise."""
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(
+            f"{time.strftime('%H:%M:%S')} evav.train: starting the process group (on a "
+            "machine's first run DeepSpeed builds its ops first: a minute or two, once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _end_mlflow_run(metrics: MetricsLogger):

@@ -1,7 +1,7 @@
 """Codec comparison for shard clips: bytes, encode/decode speed, PSNR, text read-back.
 
     .venv/bin/python tools/bench_codec.py               # prints the table, updates its section of docs/benchmarks.md
-    .venv/bin/python tools/bench_codec.py --no-write --clips 4
+    .venv/bin/python tools/bench_codec.py --clips 4
 
 Clips (64x64, from ../shared/datasets or $EVAV_DATASETS): text (SST-2 dev sentences, one token
 per frame), spectrogram (FSDD digits, one frame each), image (CIFAR-10 JPEGs), natural video
@@ -132,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=8, help="clips per modality")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = ap.parse_args(argv)
     if not have_decord():  # the table compares both decoders
         sys.exit(f"bench_codec: measuring decord needs the decord package: {DECORD_EXTRA}")
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"`{k}` = `{v}`" for k, v in PRESETS.items())
         + ".\n"
     )
-    if not args.no_write:
+    if args.write:
         write_section("codec", md, OUT_MD)
         print(f"wrote {OUT_MD}")
     return 0

@@ -1,7 +1,7 @@
 """Evaluation throughput: samples/s for generation + read-out, per model preset, on CPU.
 
     .venv/bin/python tools/bench_eval.py                       # debug and S; updates docs/benchmarks.md
-    .venv/bin/python tools/bench_eval.py --presets debug --per-task 16 --no-write
+    .venv/bin/python tools/bench_eval.py --presets debug --per-task 16
 
 Builds a small synthetic suite (every task kind the suite has: classification over images,
 audio, text and video, and video prediction) in a temporary directory, then runs the real
@@ -55,7 +55,11 @@ def main() -> int:
     p.add_argument("--per-task", type=int, default=32, help="evaluated samples per task")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +116,7 @@ def main() -> int:
     ]
     text = "\n".join(md)
     print(text)
-    if not args.no_write:
+    if args.write:
         write_section("eval", text)
     return 0
 

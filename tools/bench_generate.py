@@ -1,7 +1,7 @@
 """KV-cached generation vs full recomputation: time per generated frame and speedup.
 
     .venv/bin/python tools/bench_generate.py                 # prints the table, updates its section of docs/benchmarks.md
-    .venv/bin/python tools/bench_generate.py --presets debug,S --frames 16,32 --no-write
+    .venv/bin/python tools/bench_generate.py --presets debug,S --frames 16,32
 
 For each preset (randomly initialised: speed does not depend on the weights) and each number
 of generated frames, times ``generate`` (prefill the prompt, then one frame per step against the
@@ -51,7 +51,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="frame height and width")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--no-write", action="store_true", help=f"do not write {OUT_MD.name}")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,7 +87,7 @@ def main() -> None:
     )
     print()
     print(md)
-    if not args.no_write:
+    if args.write:
         write_section("generate", md, OUT_MD)
 
 

@@ -1,6 +1,6 @@
 """Benchmark evav.data: bare decode loop vs the full loader with 0, 1 and 2 workers, decord vs PyAV.
 
-    python tools/bench_loader.py [--datasets ../shared/datasets] [--seconds 4] [--out docs/benchmarks.md]
+    python tools/bench_loader.py [--datasets ../shared/datasets] [--seconds 4] [--write [--out docs/benchmarks.md]]
     python tools/bench_loader.py --shards DIR   # shards an earlier run kept (--keep DIR)
 
 Builds small shards (fsdd, sst2, video, synthetic slices, as tests/test_data.py) into a temporary
@@ -13,7 +13,7 @@ folder, then measures decoded frames per second for:
     (c) the full loader with 2 workers, unpinned and pinned to cores.
 
 Frames are the unpadded frames of the clips (clip_frames 32: a few longer SST-2 clips are
-cropped). Writes a markdown section to --out (tools.benchlib.write_section).
+cropped). Prints a markdown section; writes it to --out (tools.benchlib.write_section) only with --write.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def run(
     shards: Path | None = None,
     keep: Path | None = None,
     repeats: int = 3,
+    write: bool = False,
 ) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         if shards:
@@ -166,7 +167,8 @@ PyAV is the default decoder: it reports FFmpeg's decode errors (FFV1 slice CRCs,
 bitstream errors), so a corrupt clip is skipped; decord hides them and crashes (segfault) on some
 corrupt mp4 headers, so it is for trusted shards only.
 """
-    write_section("loader", md, out)
+    if write:
+        write_section("loader", md, out)
     return md
 
 
@@ -175,10 +177,13 @@ if __name__ == "__main__":
     p.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument(
+        "--write", action="store_true", help="write its section of --out (default: print only)"
+    )
     p.add_argument("--shards", type=Path, help="use the shards in DIR (from --keep), build none")
     p.add_argument("--keep", type=Path, help="build the shards into DIR and keep them")
     p.add_argument("--repeats", type=int, default=3, help="runs per cell (the table: medians)")
     a = p.parse_args()
     if not have_decord():  # the table compares both decoders
         sys.exit(f"bench_loader: measuring decord needs the decord package: {DECORD_EXTRA}")
-    print(run(a.datasets, a.seconds, a.out, a.shards, a.keep, a.repeats))
+    print(run(a.datasets, a.seconds, a.out, a.shards, a.keep, a.repeats, a.write))

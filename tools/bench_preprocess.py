@@ -1,7 +1,7 @@
 """Preprocessing throughput: samples/s with 1 and 2 workers per modality, the speed-up, bytes/sample.
 
     .venv/bin/python tools/bench_preprocess.py            # prints the table, updates its section of docs/benchmarks.md
-    .venv/bin/python tools/bench_preprocess.py --no-write --scale 0.25 --repeats 1   # a quick look
+    .venv/bin/python tools/bench_preprocess.py --scale 0.25 --repeats 1   # a quick look
 
 Each row is a whole `evav preprocess` build (preprocessing.runner.build, in-process, as the CLI
 runs it) from ../shared/datasets or $EVAV_DATASETS: text (SST-2 train rows), audio (FSDD),
@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         help="multiply the input counts (capped by each dataset's size)",
     )
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # 1 worker = 1 core (workers set this for themselves too)
     set_decode_threads(1)  # and FFmpeg decodes on the calling thread, as in the workers
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         + "\n".join(lines)
         + f"\n\nMedian speed-up, 2 workers vs 1: **{statistics.median(ratios):.2f}x** (goal >= 1.8).\n"
     )
-    if not args.no_write:
+    if args.write:
         write_section("preprocess", md, OUT_MD)
         print(f"wrote {OUT_MD}")
     return 0

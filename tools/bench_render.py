@@ -1,7 +1,7 @@
 """Renderer throughput: frames/s on one core for each modality, and cached vs uncached text.
 
     .venv/bin/python tools/bench_render.py            # prints the table, updates docs/benchmarks.md
-    .venv/bin/python tools/bench_render.py --no-write
+    .venv/bin/python tools/bench_render.py
 
 Inputs are real files from ../shared/datasets when present (FSDD wav, CIFAR-10 JPEG, a real
 clip, SST-2 sentences), else generated ones. One core: torch and the codecs are limited to one
@@ -49,7 +49,11 @@ def main() -> None:
         "--datasets", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets")
     )
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     ds = Path(args.datasets)
@@ -97,7 +101,7 @@ def main() -> None:
         f"{table}\n\nText glyph cache: warm/uncached = **{cached / uncached:.0f}x** faster.\n"
     )
     print(md)
-    if not args.no_write:
+    if args.write:
         write_section("render", md)
 
 

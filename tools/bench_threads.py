@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -36,8 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], env: dict) -> tuple[float, float]:
-    """(wall s, CPU s of the child) for one command, which must succeed."""
+def run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """(wall s, CPU s of the child, the threads it logged) for one command, which must succeed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -46,7 +47,8 @@ def run(cmd: list[str], env: dict) -> tuple[float, float]:
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    m = re.search(r"CPU threads per rank: (\d+)", done.stderr + done.stdout)
+    return wall, cpu, m.group(1) if m else "?"
 
 
 def spinners(n: int) -> list[subprocess.Popen]:
@@ -78,10 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"default": base, "cores": {**base, "OMP_NUM_THREADS": str(cores)}}
     loads = [int(x) for x in a.spinners.split(",")]
     load0 = os.getloadavg()
-    got: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    got: dict[tuple[int, str], list[tuple[float, float, str]]] = {}
     with tempfile.TemporaryDirectory(prefix="evav-threads-") as tmp:
         data = Path(tmp) / "syn"
         run([*evav, "preprocess", "synthetic", "--out", str(data)], base)
+        time.sleep(5.0)  # the build's CPU time out of the first cell's start-up look
         for load in loads:
             for i in range(a.repeats):
                 for name, env in variants.items():
@@ -93,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                     ]  # fmt: skip
                     spin = spinners(load)
                     try:
-                        wall, cpu = run(cmd, env)
+                        wall, cpu, n = run(cmd, env)
                     finally:
                         stop(spin)
-                    got.setdefault((load, name), []).append((wall, cpu))
-                    print(f"{load} busy, {name:8s} #{i + 1}: wall {wall:.1f} s, cpu {cpu:.1f} s")
+                    got.setdefault((load, name), []).append((wall, cpu, n))
+                    print(f"{load} busy, {name:8s} #{i + 1}: {n} thread(s), wall {wall:.1f} s")
     load1 = os.getloadavg()
 
     def med(key, j: int) -> float:
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     for load in loads:
         for name in variants:
             k = (load, name)
-            threads = "evav.threads" if name == "default" else f"OMP_NUM_THREADS={cores}"
+            how = "evav.threads" if name == "default" else f"OMP_NUM_THREADS={cores}"
+            threads = f"{how}: {', '.join(x[2] for x in got[k])}"
             ratio = med(k, 0) / med((load, "cores"), 0)
             rows.append(
                 f"| {load} | {name} | {threads} | {med(k, 0):.1f} "
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--spinners {a.spinners}` (one training process, `configs/debug.yaml`, {a.steps} "
             "steps, synthetic data, the variants in turn).",
             "",
-            "| busy processes alongside | variant | threads | wall s (median) | min | max "
+            "| busy processes alongside | variant | threads (each run) | wall s (median) | min | max "
             "| CPU s (median) | wall / cores' |",
             "|---:|---|---|---:|---:|---:|---:|---:|",
             *rows,

@@ -42,7 +42,7 @@ cut short keeps its figures if it has two timed steps, and cells with too little
 listed as skipped. The machine may be shared: the 1-minute load average before each cell is in
 the table. Writes the section ``train`` (``train-cuda`` on a GPU; with --variants
 ``train-variants`` or ``train-variants-cuda``; --section overrides) of docs/benchmarks.md
-(tools.benchlib.write_section) unless --no-write.
+(tools.benchlib.write_section) only with --write.
 """
 
 from __future__ import annotations
@@ -771,7 +771,11 @@ def main() -> None:
         "--no-flash-check", action="store_true", help="cuda: skip the flash-kernel check"
     )
     ap.add_argument("--section", help="the docs/benchmarks.md section to write")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write its section of docs/benchmarks.md (default: print only)",
+    )
     args = ap.parse_args()
     command = "python tools/bench_train.py " + shlex.join(sys.argv[1:])
     budget = Budget(args.budget, args.timeout)
@@ -851,7 +855,7 @@ def main() -> None:
     else:
         md = grid_section(rows, args, ctx, data_note)
     print(md)
-    if not args.no_write:
+    if args.write:
         default = ("train-variants" if args.variants else "train") + ("-cuda" if cuda else "")
         write_section(args.section or default, md)
 

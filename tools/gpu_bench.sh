@@ -138,7 +138,7 @@ DATASETS=$SRC
 echo "gpu_bench: datasets $DATASETS; $(left) s of $BUDGET left"
 
 COMMON=(--device cuda --mix real --datasets "$DATASETS" --limit "$LIMIT" --clip-frames 16
-  --warmup 4 --steps 8 --workers 4 --work "$WORK")
+  --warmup 4 --steps 8 --workers 4 --work "$WORK" --write) # on the device copy of the page
 status=0
 # 3. eager/compiled x padded/packed, preset B at 64x64 (half of what is left, at least 150 s)
 V=$(($(left) / 2))

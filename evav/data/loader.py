@@ -686,9 +686,10 @@ def pack_rows(lengths: list[int], row_frames: int) -> list[list[int]]:
 
 def _collate_packed(samples, task_ids: dict[str, int], row_frames: int, alloc=None) -> dict | None:
     """``_collate`` with several clips per row of ``row_frames`` frames (``pack_rows``). Each row
-    has ``segment`` (B, T): the clip's number along its row, padding the next number; its
-    ``loss_mask`` is False at each clip's first frame (nothing before it in the row predicts it)
-    and ``task_id`` is per frame. ``task``, ``key`` and ``answer`` stay per sample."""
+        has ``segment`` (B, T): the clip's number along its row, padding the next number; its
+        ``loss_mask`` is False at each clip's first frame (nothing before it in the row predicts it)
+        and ``task_id`` is per frame. ``task``, ``key`` and ``answer`` stay per sample; ``row_first``
+    is the sample each row starts with (its segment 0)."""
     if not samples:
         return None
     rows = pack_rows([len(s.frames) for s in samples], row_frames)
@@ -717,6 +718,7 @@ def _collate_packed(samples, task_ids: dict[str, int], row_frames: int, alloc=No
         "pad_mask": pad_mask,
         "task_id": task_id,
         "segment": segment,
+        "row_first": [members[0] for members in rows],  # the sample at each row's start
         "task": [s.task for s in samples],
         "key": [s.key for s in samples],
         "answer": [s.answer for s in samples],

@@ -35,10 +35,9 @@ import unicodedata
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-from evav.frames import contact_sheet
-from evav.frames.spec import BUNDLED_FONT
+from evav.frames.write import labelled_sheet
 from evav.manifest import write_json_atomic
 
 log = logging.getLogger("evav.eval")
@@ -302,47 +301,6 @@ def _show(v) -> str:
     from evav.eval.samples import one_line
 
     return one_line(repr(v) if isinstance(v, str) else str(v), 100)
-
-
-LABEL_PX = 14  # font size of the labels on example sheets
-MIN_FRAME_PX = (
-    192  # frames are upscaled (nearest) to at least this height, when integer scaling allows
-)
-
-
-def labelled_sheet(title: str, rows: list[tuple[str, np.ndarray]], scale: int | None = None):
-    """A title, then one block per row: its label on a line, its frames side by side, upscaled
-    by ``scale`` (default: enough for 64 px frames to read, ``MIN_FRAME_PX``) with nearest
-    neighbour, so pixels stay pixels. Returns ``(H, W, 3)`` uint8."""
-    frames = [np.asarray(f) for _, f in rows]
-    h = max((f.shape[1] for f in frames if len(f)), default=64)
-    scale = scale or max(1, MIN_FRAME_PX // h)
-    cols = max(max(len(f) for f in frames), 1)
-    blocks = []
-    for f in frames:
-        sheet = contact_sheet(f, columns=cols) if len(f) else np.zeros((h, h, 3), np.uint8)
-        blocks.append(sheet.repeat(scale, 0).repeat(scale, 1))
-    font = ImageFont.truetype(str(BUNDLED_FONT), LABEL_PX)
-    line = LABEL_PX + 8
-    width = max(max(b.shape[1] for b in blocks), 480)
-    height = line + sum(line + b.shape[0] + 6 for b in blocks)
-    img = Image.new("RGB", (width, height), (24, 24, 24))
-    draw = ImageDraw.Draw(img)
-    chars = width // (LABEL_PX * 6 // 10)  # a monospace glyph is about 0.6 em wide
-    fit = lambda t: t if len(t) <= chars else t[: chars - 3] + "..."  # noqa: E731
-    draw.text((4, 3), fit(_printable(title)), fill=(255, 255, 0), font=font)
-    y = line
-    for (label, _), b in zip(rows, blocks):
-        draw.text((4, y + 3), fit(_printable(label)), fill=(200, 200, 200), font=font)
-        img.paste(Image.fromarray(b), (0, y + line))
-        y += line + b.shape[0] + 6
-    return np.asarray(img)
-
-
-def _printable(s: str) -> str:
-    from evav.eval.samples import one_line
-
-    return one_line(s, 500)
 
 
 def predictions_sheet(examples: Path, out: Path) -> Path:

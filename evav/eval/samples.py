@@ -49,6 +49,7 @@ import numpy as np
 
 from evav.data.clips import BadSample, checked_meta, decode
 from evav.data.shards import ShardReader, shard_paths
+from evav.errors import one_line  # noqa: F401 - evaluation's messages, imported from here too
 from evav.manifest import Manifest, load_manifest, parse_sample_meta
 
 log = logging.getLogger("evav.eval")
@@ -356,14 +357,6 @@ class SkipLog:
             log.warning("skipped %s (%s): %s", s.where, s.reason, s.why)
         if n == self.per_reason:
             log.warning("further samples skipped for %s are counted, not logged", s.reason)
-
-
-def one_line(s: str, max_len: int = 300) -> str:
-    """A message made safe for a log line or a report: control and other unprintable
-    characters escaped (a newline in a key cannot forge a log line), at most ``max_len``."""
-    s = str(s)
-    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s[: max_len + 1])
-    return out if len(out) <= max_len else out[: max_len - 3] + "..."
 
 
 def dataset_name(d: str) -> str:
