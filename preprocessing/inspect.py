@@ -45,6 +45,7 @@ from evav.data import remote
 from evav.data.clips import BadSample, checked_meta, crop_window, decode
 from evav.data.remote import is_url
 from evav.data.shards import Member, ShardIndex, index_shard, open_shard
+from evav.errors import one_line
 from evav.frames import contact_sheet, save_clip
 from evav.manifest import (
     MANIFEST_NAME,
@@ -98,6 +99,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     # (data.clip_frames, "cropped" | "too_long") -> samples, for CLIP_FRAMES (crop_window)
     crops: Counter = field(default_factory=Counter)
+    # (split, task) -> answer -> n: the answer distribution and its majority baseline
+    answers: dict[tuple[str, str], Counter] = field(default_factory=dict)
 
     def text(self) -> str:
         lines = [f"{len(self.shards)} shard(s), {self.bytes / 2**20:.1f} MiB, codec {self.codec}"]
@@ -105,9 +108,12 @@ class Report:
             m = self.manifest
             lines.append(f"builder {m.builder} v{m.builder_version}, render hash {m.render_hash}")
             lines.append(f"quarantined inputs: {len(m.quarantined)}")
-        lines.append("samples per split and task:")
+        lines.append(
+            "samples per split and task; answers: distinct, the majority one and its share "
+            "(the majority baseline), chance (1 / distinct):"
+        )
         for (split, task), n in sorted(self.samples.items()):
-            lines.append(f"  {split:8s} {task:16s} {n:8d}")
+            lines.append(f"  {split:8s} {task:16s} {n:8d}  {self._answers(split, task, n)}")
         lines.append("frames per clip: count")
         width = max(self.frames_hist.values(), default=1)
         for t, n in sorted(self.frames_hist.items()):
@@ -125,6 +131,17 @@ class Report:
                 lines.append(f"  clip_frames={c:<3d} {cut / total:6.1%} cropped{more}")
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _answers(self, split: str, task: str, n: int) -> str:
+        got = self.answers.get((split, task), Counter())
+        named = sum(v for a, v in got.items() if a)
+        if not named:
+            return "no answer text (pretraining or frame answers)"
+        ((top, k),) = got.most_common(1)
+        return (
+            f"{len(got)} answers, majority {one_line(top, 24)!r} {k / n:.1%}, "
+            f"chance {1 / len(got):.1%}"
+        )
 
 
 # -- local files and URLs alike -----------------------------------------------------------------
@@ -253,6 +270,7 @@ def inspect(path: str | Path) -> Report:
                 bad_example = bad_example or f"{label} {key}: {e}"
                 continue
             report.samples[(meta.split, meta.task)] += 1
+            report.answers.setdefault((meta.split, meta.task), Counter())[meta.answer] += 1
             report.frames_hist[meta.num_frames] += 1
             for c in CLIP_FRAMES:
                 try:

@@ -474,7 +474,7 @@ def test_plain_inspect_warns_and_never_crashes(d, capsys, corrupt, warning):
     capsys.readouterr()
     assert main(["inspect", str(d)]) == 0
     out = capsys.readouterr().out
-    assert "samples per split and task:" in out and "frames per clip: count" in out
+    assert "samples per split and task" in out and "frames per clip: count" in out
     assert any(ln.startswith("warning: ") and warning in ln for ln in out.splitlines()), out
 
 
@@ -492,3 +492,32 @@ def test_examples_of_a_corrupt_clip_are_an_error_not_a_crash(d, tmp_path, capsys
             xor_at(d / shard, m.offset + m.size // 2, 8)
     assert main(["inspect", str(d), "--out", str(tmp_path / "s.png")]) == 2
     assert "clip checksum mismatch" in capsys.readouterr().err
+
+
+def test_inspect_shows_each_tasks_answer_distribution_and_majority_baseline(d, capsys):
+    """The answers counted from every KEY.json (read here with tarfile, not by evav), the
+    majority answer's share (the baseline a model must beat) and chance, per split and task."""
+    from collections import Counter
+
+    from preprocessing.inspect import inspect
+
+    want: dict[tuple[str, str], Counter] = {}
+    for shard in sorted(d.rglob("*.tar")):
+        for name, data in members(shard):
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                want.setdefault((meta["split"], meta["task"]), Counter())[meta["answer"]] += 1
+    report = inspect(d)
+    assert report.answers == want
+    capsys.readouterr()
+    assert main(["inspect", str(d)]) == 0
+    out = capsys.readouterr().out
+    for (split, task), got in want.items():
+        line = next(ln for ln in out.splitlines() if re.match(rf"  {split}\s+{task}\s+\d", ln))
+        n = sum(got.values())
+        if any(got):
+            top, k = got.most_common(1)[0]
+            assert f"{len(got)} answers, majority {top!r} {k / n:.1%}" in line, line
+            assert f"chance {1 / len(got):.1%}" in line, line
+        else:
+            assert "no answer text" in line, line
