@@ -190,3 +190,33 @@ def test_video_prediction_copy_last_frame_baseline():
     n = prompt_length(p.meta)
     got = make_reader("video", [p], TEXT).baseline(clip[:n], clip[n - 1 : n], p)
     assert got["copy_last_psnr_per_frame"] == [100.0]
+
+
+def test_generate_reads_open_and_multilabel_answers_back_as_words(tmp_path):
+    """`evav generate`'s read-back (evav.eval.cli.read_back) for the kinds that are not
+    classification: frames rendered from an answer's words read back as those words, against
+    a real dataset built by the jsonl builder (task clevrer: open; tinyvirat: multi-label)."""
+    import json
+    from types import SimpleNamespace
+
+    from evav.cli import main
+    from evav.eval.cli import read_back
+    from evav.manifest import load_manifest
+
+    for task, answers, said in [
+        ("clevrer", ["red cube", "blue sphere", "green cylinder"], "blue sphere"),
+        ("tinyvirat", ["walking", "riding bike", "walking riding"], "riding bike"),
+    ]:
+        raw, out = tmp_path / task / "raw", tmp_path / task / "out"
+        raw.mkdir(parents=True)
+        lines = [json.dumps({"input": f"question {i}", "answer": a}) for i, a in enumerate(answers)]
+        (raw / "val.jsonl").write_text("\n".join(lines) + "\n")
+        assert (
+            main(["preprocess", "jsonl", "--src", str(raw), "--out", str(out), f"task={task}"]) == 0
+        )
+        spec = RenderSpec(**load_manifest(out).render_spec)
+        gen = TextRenderer(spec).render_tokens(TextRenderer(spec).tokenize(said))
+        line = read_back(SimpleNamespace(), spec, task, gen, str(out))
+        assert line.startswith(f"read back: {said!r} (each frame as the nearest of"), line
+        if task == "tinyvirat":  # its labels: the answers' words
+            assert line.endswith("answer words; labels ['bike', 'riding'])"), line

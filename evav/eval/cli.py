@@ -321,8 +321,15 @@ def looks_like_path(s: str) -> bool:
 def read_back(loaded, spec, task: str, gen_THWC, data_dir: str | None) -> str:
     """One line: the answer read back from generated frames, against the task's answers in the
     data (``data_dir``, else the training data; its test or val split), with the distance to
-    it and to the runner-up (classification tasks; other kinds are read by evav eval)."""
-    from evav.eval.readers import ClassificationReader, make_reader
+    it and to the runner-up (classification tasks); open and multi-label answers as the nearest
+    answer word of each frame; frame answers (tracking, video) are scored by evav eval."""
+    from evav.eval.readers import (
+        ClassificationReader,
+        MultiLabelReader,
+        _contains,
+        _VocabularyReader,
+        make_reader,
+    )
     from evav.eval.samples import default_split, load_eval_data, one_line
     from evav.frames import TextRenderer
 
@@ -346,6 +353,17 @@ def read_back(loaded, spec, task: str, gen_THWC, data_dir: str | None) -> str:
         )
         runner = f", runner-up {one_line(rest[0][0])!r} at {rest[0][1]:.1f}" if rest else ""
         return f"read back: {one_line(best)!r} (mean squared distance {d:.1f}{runner}{note})"
+    if isinstance(reader, _VocabularyReader):  # open and multi-label answers: words
+        words = reader.decoder.decode(gen_THWC[: reader.max_len])
+        found = (
+            f"; labels {[one_line(x) for x in reader.labels if _contains(words, reader.text.tokenize(x))]}"
+            if isinstance(reader, MultiLabelReader)
+            else ""
+        )
+        return (
+            f"read back: {one_line(' '.join(words))!r} (each frame as the nearest of the task's "
+            f"{len(reader.vocab)} answer words{found})"
+        )
     return f"read back: none (task {one_line(task)!r} is of kind {reader.kind}; evav eval reads it)"
 
 
