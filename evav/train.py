@@ -395,7 +395,9 @@ def _end_summary(state: TrainState, first_step: int, seconds: float, run_dir: Pa
     return (
         f"finished: step {state.step} ({done} this run, in {_duration(seconds)}"
         + (f", {seconds / done:.2f} s/step" if done else "")
-        + f"); last train loss {loss:.4f}; {state.samples:,} clips, {state.frames:,} frames "
+        + ")"
+        + (f"; last train loss {loss:.4f}" if done else "")
+        + f"; {state.samples:,} clips, {state.frames:,} frames "
         f"since step 0; skipped steps "
         f"{state.skipped_steps}; last checkpoint {good or 'none'}"
         + (f"; MLflow run {state.mlflow_run_id}" if state.mlflow_run_id else "")
