@@ -86,9 +86,14 @@ def main(args: argparse.Namespace) -> int:
     )
     for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from evav import threads
+
+    threads_set = threads.configure(0)  # before any thread pool starts; samples decode here
     denv = dist.launch_env()
     if denv.world_size > 1:
         denv = dist.init(EngineConfig())
+    if denv.rank == 0:
+        log.info("CPU threads per process: %s", threads_set)
     try:
         device = torch.device(
             "cuda"
