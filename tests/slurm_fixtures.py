@@ -86,6 +86,9 @@ class SlurmHarness:
         self.dir: Path = cluster.dir
         self.conf: Path = cluster.conf
         self.env: dict[str, str] = cluster.env()
+        # the "nodes" share this host's cores, which evav.threads cannot know from inside a
+        # job: one CPU thread per job task, as slurm/*.sbatch used to set
+        self.env.setdefault("OMP_NUM_THREADS", "1")
         self.nodes: list[str] = list(cluster.nodes)
 
     # ---------------------------------------------------------------- clients
