@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from evav import checkpoint
+from evav.frames.write import MIN_FRAME_PX
 from evav.metrics import read_metrics
 from tools.mlflow_server import free_port
 
@@ -200,7 +201,10 @@ def test_resume_after_sigterm_is_bitwise_identical_in_one_mlflow_run(
     logged = client.list_artifacts(run_id, "images/pred_vs_true")
     assert sorted(Path(f.path).name for f in logged) == pngs
     sheet = np.asarray(Image.open(cut / "images" / "pred_vs_true" / pngs[-1]))
-    assert sheet.shape[0] == 2 * (64 + 2) + 2 and sheet.shape[1] >= 64 + 4 and sheet.shape[2] == 3
+    # labelled (evav.frames.write.labelled_sheet): two rows of 64 px frames upscaled 3x, a title
+    # and a label line each; at least 480 px wide
+    scale = MIN_FRAME_PX // 64
+    assert sheet.shape[0] > 2 * (64 + 2) * scale and sheet.shape[1] >= 480 and sheet.shape[2] == 3
 
 
 def test_a_finished_run_extended_with_more_steps_follows_the_new_schedule(synthetic, tmp_path):
