@@ -271,7 +271,7 @@ def _live_holder(holder: Holder | None, flock: bool) -> str | None:
     if holder.host == socket.gethostname():
         if flock:
             return None  # on one host the kernel's answer is the truth
-        if holder.pid != os.getpid() and _pid_alive(holder.pid):
+        if holder.pid != os.getpid() and pid_alive(holder.pid):
             return f"{holder.describe()} (the filesystem has no flock; that pid is alive)"
         return None
     age = time.time() - holder.refreshed
@@ -363,7 +363,8 @@ def _int(value: object, default: int) -> int:
         return default
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -201,7 +201,7 @@ def lock_state(run: Path) -> dict[str, Any]:
             "(file locks may not reach across nodes here)"
         )
     elif out["flock"] == "unsupported" and holder is not None:
-        alive = holder.host == socket.gethostname() and _pid_alive(holder.pid)
+        alive = holder.host == socket.gethostname() and runlock.pid_alive(holder.pid)
         out["running"] = alive
         out["note"] = "this filesystem has no flock: the holder record decided"
     if not out["running"]:
@@ -472,16 +472,6 @@ def _num(v: Any) -> bool:
 
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":  # python -m evav.status RUN
