@@ -56,7 +56,10 @@ class OptimConfig:
 class EngineConfig:
     """How DeepSpeed runs the model (see ``deepspeed_config`` for the dict it generates)."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    # DeepSpeed ZeRO: 0 none, 1 optimizer states, 2 + gradients, 3 + parameters sharded over
+    # ranks. 1 by default: under bf16, ZeRO >= 1 accumulates gradients in fp32 (DeepSpeed 0.19
+    # has none at ZeRO 0); on one rank ZeRO 1 takes the same memory as ZeRO 0
+    zero_stage: Literal[0, 1, 2, 3] = 1
     offload_optimizer: bool = False  # ZeRO >= 1: optimizer state in CPU memory
     precision: Literal["fp32", "bf16"] = "bf16"
     grad_accum_steps: int = 1
