@@ -34,7 +34,5 @@ def test_default_engine_accumulates_bf16_gradients_in_fp32():
     assert ds["zero_optimization"]["stage"] == 1
     assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
     assert ds["train_batch_size"] == 2 * 4 * 3
-    zero0 = deepspeed_config(
-        EngineConfig(zero_stage=0, grad_accum_steps=4), OptimConfig(), 2, 1
-    )
+    zero0 = deepspeed_config(EngineConfig(zero_stage=0, grad_accum_steps=4), OptimConfig(), 2, 1)
     assert "data_types" not in zero0
