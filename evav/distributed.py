@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from evav import buildlock
+
 log = logging.getLogger(__name__)
 
 
@@ -129,6 +131,7 @@ def init(cfg: EngineConfig, timeout_min: float = 30) -> DistEnv:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(denv.local_rank)
+    buildlock.clear_stale()  # a killed op build's lock would hang DeepSpeed here, silently
     deepspeed.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
