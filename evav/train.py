@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from evav import checkpoint, faults, plan, resume, runlock, threads
+from evav import checkpoint, plan, resume, runlock, threads
 from evav import distributed as dist
 from evav.config import ConfigError, dump_yaml, load_config
 from evav.data import DataConfig, Loader
@@ -50,6 +50,7 @@ from evav.data.clips import check_decoder
 from evav.data.remote import is_url
 from evav.distributed import EngineConfig, OptimConfig
 from evav.frames.write import labelled_sheet
+from evav.hooks import loop_hooks
 from evav.metrics import MetricsConfig, MetricsLogger, redacted_config
 from evav.model import (
     ModelConfig,
@@ -279,6 +280,7 @@ def _train(cfg: TrainConfig) -> dict:
         # step boundary even while the data is late, and each step finds its batches ready.
         batches = loader.iterate(should_stop=lambda: preempt.requested)
         window = _Window()
+        hooks = loop_hooks()  # no-ops unless a test injects faults (evav/faults.py)
         step, attempt = state.step, 0
         first_step, t_start = step, time.perf_counter()
         waited_s = _wait_for_data(batches, step, cfg)
@@ -300,7 +302,7 @@ def _train(cfg: TrainConfig) -> dict:
             for i, batch in enumerate(micro):
                 frames_BTHWC = batch["frames"].to(device, non_blocking=True).float().div_(255)
                 with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                    with faults.nan_forward(engine.module, attempt, i):
+                    with hooks.forward(engine.module, attempt, i):
                         pred = engine(frames_BTHWC.to(dist.input_dtype(engine)), **_packing(batch))
                 out = next_frame_loss_sums(
                     pred,
@@ -310,12 +312,10 @@ def _train(cfg: TrainConfig) -> dict:
                     batch["task_id"].to(device),
                     len(tasks),
                 )
-                total = (
-                    out.total * float("nan") if faults.active("nan_loss", attempt) else out.total
-                )
+                total = hooks.loss(out.total, attempt)
                 bad += ~torch.isfinite(total)
                 sums += _loss_vector(total.detach(), out)
-                with faults.inf_grad(engine.module, attempt):
+                with hooks.grads(engine.module, attempt):
                     engine.backward(total * scale)
                 if i < gas - 1:
                     engine.step()  # DeepSpeed counts micro-batches in step(); no update yet
@@ -363,7 +363,7 @@ def _train(cfg: TrainConfig) -> dict:
                 if metrics:
                     metrics.log(record, step)
                     log.info("step %d validation: %s", step, _fmt(record))
-            faults.hold(step, lambda: preempt.requested, resumed=last is not None)
+            hooks.after_step(step, lambda: preempt.requested, resumed=last is not None)
             waited_s = _wait_for_data(batches, step, cfg)  # the next step's; a signal ends it
             stop = dist.host_any(preempt.requested)  # over gloo: no device synchronisation
             if every(step, cfg.ckpt_every) or step == cfg.steps or stop:

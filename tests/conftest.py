@@ -1,7 +1,8 @@
 """Shared test fixtures: the real datasets in ../shared/datasets, and golden-image comparison.
 
 Set EVAV_DATASETS to use another copy of the datasets; tests that need them skip, with the path
-they looked in, when it is absent. Set EVAV_UPDATE_GOLDENS=1 to rewrite the golden PNGs (then
+they looked in, when it is absent. Tests that take ``raw_sources`` run on made stand-ins of the
+raw folders (tests/made_sources.py) always, and on the real ones too when they are present. Set EVAV_UPDATE_GOLDENS=1 to rewrite the golden PNGs (then
 look at them before committing).
 """
 
@@ -32,6 +33,18 @@ def datasets() -> Path:
     if not (root / "README.md").is_file():
         pytest.skip(f"real datasets not found at {root} (set EVAV_DATASETS to their folder)")
     return root
+
+
+@pytest.fixture(scope="session", params=["made", "real"])
+def raw_sources(request, tmp_path_factory) -> dict[str, Path]:
+    """Raw ``fsdd``, ``sst2`` and ``videos`` folders in their official layouts: made ones
+    (tests/made_sources.py), then the real ones in ../shared/datasets (skipped when absent)."""
+    if request.param == "real":
+        root = request.getfixturevalue("datasets")
+        return {name: root / name for name in ("fsdd", "sst2", "videos")}
+    from tests.made_sources import make_sources
+
+    return make_sources(tmp_path_factory.mktemp("made_sources"))
 
 
 def assert_matches_golden(name: str, frames_THWC: np.ndarray, max_mean_diff: float = 1.0) -> None:

@@ -121,9 +121,9 @@ def test_loader_counts_cropped_samples_and_keeps_the_answer(tmp_path):
     assert np.isclose(stats["data/cropped_frac"], cropped / len(frames_of))
 
 
-def test_inspect_shows_what_each_clip_frames_would_crop_on_real_sentences(datasets, tmp_path):
-    """SST-2 sentences run to many frames: inspect's crop shares are those of the clips longer
-    than each clip_frames, and the loader at clip_frames=8 crops the same share."""
+def test_inspect_shows_what_each_clip_frames_would_crop_on_sst2_sentences(raw_sources, tmp_path):
+    """SST-2 sentences (made ones, and the real ones when present) run to many frames: inspect's
+    crop shares are those of the clips longer than each clip_frames."""
     from evav.cli import main
     from preprocessing.inspect import CLIP_FRAMES, inspect
 
@@ -134,7 +134,7 @@ def test_inspect_shows_what_each_clip_frames_would_crop_on_real_sentences(datase
                 "preprocess",
                 "sst2",
                 "--src",
-                str(datasets / "sst2"),
+                str(raw_sources["sst2"]),
                 "--out",
                 str(out),
                 "--limit",

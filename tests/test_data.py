@@ -1,9 +1,10 @@
 """evav.data on real shards: batch shapes and masks, mixing, exact resume, world-size changes, bad data.
 
-Shards are built once per session by `evav preprocess` (in-process) from slices of
-../shared/datasets: fsdd (40 train clips of 4 frames), sst2 (40, 7-19 frames), video (6
-pretraining clips of 7 frames, H.264) and synthetic (30 clips, 5 tasks, 6 frames). Tests that
-damage a shard work on a copy.
+Shards are built once per session by `evav preprocess` (in-process) from the raw folders of
+the ``raw_sources`` fixture: made stand-ins (tests/made_sources.py) always, and slices of
+../shared/datasets when present (each test runs on both): fsdd (40 train clips of 4 frames),
+sst2 (40, at most 7 frames: max_words=4), video (6 pretraining clips of 7 frames, H.264) and
+synthetic (30 clips, 5 tasks, 4-8 frames). Tests that damage a shard work on a copy.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ NAMES = ("fsdd", "sst2", "video", "synthetic")
 
 
 @pytest.fixture(scope="session")
-def shards(datasets, tmp_path_factory) -> dict[str, Path]:
+def shards(raw_sources, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("shards")
+    src = raw_sources
     builds = {
-        "fsdd": ["--src", str(datasets / "fsdd"), "--limit", "40", "--shard-samples", "8"],
+        "fsdd": ["--src", str(src["fsdd"]), "--limit", "40", "--shard-samples", "8"],
         # max_words=4: SST-2 clips of at most 7 frames, so that some batches are shorter than
         # 8 whatever rows the (stratified, seeded) --limit draws
-        "sst2": ["--src", str(datasets / "sst2"), "--limit", "40", "--shard-samples", "8"]
+        "sst2": ["--src", str(src["sst2"]), "--limit", "40", "--shard-samples", "8"]
         + ["max_words=4"],
-        "video": ["--src", str(datasets / "videos"), "num_frames=6", "--shard-samples", "4"],
+        "video": ["--src", str(src["videos"]), "num_frames=6", "--shard-samples", "4"],
         "synthetic": ["train_per_task=6", "val_per_task=2", "--shard-samples", "8"],
     }
     for name, args in builds.items():

@@ -73,14 +73,24 @@ def test_eval_run_dir_writes_results_report_and_mlflow(trained):
     assert set(r["tasks"]) == {"add", "count", "direction", "next", "pitch"}
     for task, m in r["tasks"].items():
         assert m["samples"] == PER_TASK and m["skipped"] == {} and m["skipped_total"] == 0
-        truths = [p["true"] for p in r["predictions"] if p["task"] == task and "true" in p]
+        records = [p for p in r["predictions"] if p["task"] == task]
+        truths = [p["true"] for p in records if "true" in p]
         if task == "next":
             assert m["kind"] == "video_prediction" and len(m["psnr_per_frame"]) == 2
             assert 0 < m["copy_last_psnr"] <= 100 and 0 < m["copy_last_ssim"] <= 1
             assert "majority" not in m and "answers" not in m
         else:
-            assert m["kind"] == "classification" and 0 <= m["accuracy"] <= 1
-            assert sum(map(sum, m["confusion"])) == PER_TASK
+            assert m["kind"] == "classification" and len(records) == len(truths) == PER_TASK
+            # the accuracy and the confusion matrix, recounted from the prediction records
+            right = sum(p["pred"] == p["true"] for p in records)
+            assert m["accuracy"] == right / PER_TASK
+            at = {c: i for i, c in enumerate(m["labels"])}
+            assert all(p["pred"] in at and p["true"] in at for p in records)  # nearest label
+            confusion = [[0] * len(at) for _ in at]
+            for p in records:
+                confusion[at[p["true"]]][at[p["pred"]]] += 1
+            assert m["confusion"] == confusion and sum(map(sum, confusion)) == PER_TASK
+            assert sum(confusion[i][i] for i in range(len(at))) == right
             # the answer distribution and the majority baseline of the evaluated samples
             ordered = sorted(Counter(truths).items(), key=lambda kv: (-kv[1], kv[0]))
             assert m["answers"] == [list(x) for x in ordered]
