@@ -89,6 +89,7 @@ RULES: dict[str, tuple[str, str]] = {
     "data.mix_by": (REFUSED, "the data mix: what the run learns from here on"),
     "data.clip_frames": (REFUSED, "what each sample is: its crop and the loss's context"),
     "data.crop": (REFUSED, "what each long sample is: which of its frames are kept"),
+    "data.augment": (REFUSED, "what each training sample is: its input frames flipped, shifted"),
     "data.pad_to": (
         APPLIED,
         "padding is masked out of the loss; packed clips attend only within themselves",

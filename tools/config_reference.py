@@ -137,7 +137,10 @@ def section(cls: type, prefix: str, title: str, level: int = 2) -> list[str]:
             out.append(f"| `{key}` | {type(default).__name__} | see [{key}](#{anchor}) | {note} |")
             continue
         shown = "(required)" if default is dataclasses.MISSING else f"`{yaml_value(default)}`"
-        ann = annotation.replace("|", "\\|")
+        ann = " ".join(annotation.split())  # an annotation wrapped over lines: one line
+        if ann.startswith("(") and ann.endswith(")"):
+            ann = ann[1:-1]
+        ann = ann.replace("|", "\\|")
         out.append(f"| `{key}` | `{ann}` | {shown} | {note.replace('|', chr(92) + '|')} |")
     out.append("")
     for sub, sub_prefix in nested:

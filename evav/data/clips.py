@@ -25,6 +25,7 @@ import av.logging
 import numpy as np
 
 from evav.codec import DECORD_EXTRA, ClipShapeError, decode_clip, have_decord
+from evav.data.augment import augment_inputs
 from evav.data.order import rng
 from evav.manifest import SampleMeta, clip_checksum, parse_sample_meta
 
@@ -198,6 +199,15 @@ def checked_meta(members: dict[str, bytes], render_hash: str | None = None) -> S
     return meta
 
 
+def _input_frames(meta: SampleMeta, num_frames: int) -> np.ndarray:
+    """Which of the clip's frames are its ``input`` segment (after its task frame(s))."""
+    seg = meta.segments
+    task = seg.get("task", 1)
+    out = np.zeros(num_frames, dtype=bool)
+    out[task : task + seg.get("input", 0)] = True
+    return out
+
+
 def make_sample(
     members: dict[str, bytes],
     key: str,
@@ -207,9 +217,13 @@ def make_sample(
     backend: str = "pyav",
     render_hash: str | None = None,
     crop: str = "middle",
+    augment: str = "none",
+    augment_key: tuple[str, int] = ("", 0),
 ) -> Sample:
     """Decode and check one sample; crop it to at most ``clip_frames`` (``crop_window``; padding
-    is the batch's: it writes each clip once, into its own buffer)."""
+    is the batch's: it writes each clip once, into its own buffer). ``augment`` (not ``none``):
+    its input frames are augmented, drawn from (seed, ``augment_key`` = (dataset, epoch), key)
+    (evav.data.augment)."""
     meta = checked_meta(members, render_hash)
     frames = decode(members["mp4"], backend, meta.num_frames, frame_hw)
     want = meta.num_frames
@@ -224,7 +238,11 @@ def make_sample(
     mask = loss_mask_for(asdict(meta), len(frames))
     pieces = crop_window(meta, len(frames), clip_frames, seed, key, crop)
     cropped = pieces != [(0, len(frames))]
+    is_input = _input_frames(meta, len(frames)) if augment != "none" else None
     if cropped:
         keep = np.concatenate([np.arange(a, b) for a, b in pieces])
         frames, mask = frames[keep], mask[keep]
+        is_input = is_input[keep] if is_input is not None else None
+    if is_input is not None:
+        frames = augment_inputs(frames, is_input, augment, seed, *augment_key, key)
     return Sample(frames, mask, meta.task, key, meta.answer, cropped)

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from evav.config import ConfigError
+from evav.data.augment import augments_for
 from evav.data.catalog import Catalog, read_catalog
 from evav.data.clips import REASONS, BadSample, Sample, check_decoder, make_sample
 from evav.data.handoff import FrameSlots
@@ -84,6 +85,16 @@ class DataConfig:
     # pack: several clips per row of clip_frames frames, first fit by decreasing length (the
     # batch carries ``segment``; temporal attention stays inside a clip): far less padding
     pad_to: Literal["longest", "clip_frames", "pack"] = "longest"
+    # training-split augmentation of each sample's input frames (never validation or eval):
+    # flip_crop = random horizontal flip + pad-then-random-crop moving the content by up to 1/4
+    # of the frame side (CIFAR-10's 8 of 32 px), reflected border (the paper's code);
+    # flip_crop_zeros: the same with a black border. One value for every data.train directory,
+    # or a list, one per directory (e.g. [flip_crop, none]). Image -> word tasks only: answer
+    # frames are never transformed. Drawn from (seed, dataset, epoch, key); evav/data/augment.py
+    augment: (
+        Literal["none", "flip_crop", "flip_crop_zeros"]
+        | list[Literal["none", "flip_crop", "flip_crop_zeros"]]
+    ) = "none"
     num_workers: int = 0  # DataLoader worker processes per rank
     window: int = 4  # shards whose samples are shuffled together
     # decord: faster, trusted shards only (clips.py); needs the extra: pip install 'evav[decord]'
@@ -133,12 +144,15 @@ class Loader:
             raise ValueError(f"data.mix_by must be 'samples' or 'frames', got {cfg.mix_by!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        augments = augments_for(cfg.augment, len(cfg.train))  # ConfigError naming the key
         bad = cfg.max_bad_in_a_row
         if not isinstance(bad, int) or isinstance(bad, bool) or bad < 0:
             raise ValueError(f"data.max_bad_in_a_row must be an int >= 0, got {bad!r}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.batch_size, self.seed, self.infinite = batch_size, seed, infinite
         self.split = cfg.val_split if split == "val" else split
+        # augmentation is for training only: never the validation (or any other) split
+        self.augments = augments if split == "train" else ["none"] * len(cfg.train)
         if catalog is None:  # read here; training reads it once, on rank 0 (catalog.py)
             catalog = read_catalog(cfg.train, [self.split])
         elif catalog.dirs != [str(d) for d in cfg.train]:
@@ -575,7 +589,7 @@ class _Stream(torch.utils.data.IterableDataset):
         """``(sample, None)``, or ``(None, (kind, reason))`` if anything about it is bad."""
         ld = self.loader
         _, paths, order, _ = ld._datasets[d]
-        _, shard, member = order.locate(index)
+        epoch, shard, member = order.locate(index)
         path, key = paths[shard], f"member #{member}"
         stage = "read_error"  # what an unexpected exception means: reading, then making
         try:
@@ -602,6 +616,8 @@ class _Stream(torch.utils.data.IterableDataset):
                 ld.cfg.decoder,
                 ld._render_hashes[d],
                 ld.cfg.crop,
+                ld.augments[d],
+                (ld.names[d], epoch),
             )
             return sample, None
         except BadSample as e:

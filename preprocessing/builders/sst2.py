@@ -10,11 +10,19 @@ a csv error) is quarantined as ``FILE:LINE`` (the row's first line).
 (each label in file order) and drops what is left of the commoner label, so that the training
 clips, and any ``--limit`` of them, are half of each; the majority word (56% of SST-2's training
 rows are positive) is then not the best guess of a model that cannot read the sentences yet.
+A sentence longer than ``max_words`` (64) tokens keeps its first ``max_words``, or with
+``truncate=last`` its last ones; shorter ones are kept whole. The paper truncates inputs to their
+last 20 tokens (as reported in a secondary source, ../shared/PAPER.md), so its setting is
+``max_words=20 truncate=last``. The first author's public code counts the ``|`` separator among
+those 20 (19 words and ``|``), splits at whitespace only, and left-pads short inputs with
+``<pad>`` frames; in evav the separator is a frame of its own, punctuation is split off as its
+own token and nothing is padded, so ``max_words=19`` gives that code's 20 frames.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from evav.errors import BadInputError
 from preprocessing.builders.base import Builder, Example, Item, read_table
@@ -25,12 +33,17 @@ FILES = {"train": "train.tsv", "val": "dev.tsv"}
 
 @dataclass
 class Sst2Options:
-    max_words: int = 64  # longer sentences keep their first max_words tokens
+    max_words: int = 64  # longer sentences keep max_words tokens: their first (or last: truncate)
     balance: bool = False  # train split: negative and positive rows alternately, half of each
+    # which max_words tokens a longer sentence keeps: its first, or its last (the paper's code:
+    # the last 20, `max_words=20 truncate=last`)
+    truncate: Literal["first", "last"] = "first"
 
     def __post_init__(self):
         if self.max_words < 1:
             raise ValueError(f"max_words must be >= 1, got {self.max_words}")
+        if self.truncate not in ("first", "last"):
+            raise ValueError(f"truncate must be 'first' or 'last', got {self.truncate!r}")
 
 
 class Sst2Builder(Builder):
@@ -65,7 +78,7 @@ class Sst2Builder(Builder):
         sentence, label = fields[0].strip(), fields[1].strip()
         if label not in ("0", "1"):
             raise BadInputError(item.source, f"label {label!r} is not 0 or 1")
-        tokens = self.text.tokenize(sentence)[: self.options.max_words]
+        tokens = truncated(self.text.tokenize(sentence), self.options)
         if not tokens:
             raise BadInputError(item.source, "empty sentence")
         word = LABELS[int(label)]
@@ -77,6 +90,12 @@ class Sst2Builder(Builder):
             int(label),
             extra={"text": sentence},
         )
+
+
+def truncated(tokens: list[str], options: Sst2Options) -> list[str]:
+    """At most ``max_words`` of the sentence's tokens: its first ones, or its last ones."""
+    n = options.max_words
+    return tokens[-n:] if options.truncate == "last" else tokens[:n]
 
 
 def balanced(items: list[Item]) -> list[Item]:
